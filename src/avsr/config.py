@@ -1,0 +1,261 @@
+"""Typed configuration: YAML files under ``configs/`` plus ``key.sub=value`` overrides.
+
+Every hyper-parameter lives in one dataclass below (one section per concern). A YAML file may
+name other files to start from with ``_base_: [other.yaml, ...]`` (paths relative to the file);
+later files and then the command-line overrides win. Unknown keys are an error that lists the
+valid keys of that section, so a typo never silently falls back to a default.
+
+Example::
+
+    cfg = load_config("configs/grid/audio.yaml", ["model.d_model=128", "train.lr=5e-4"])
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+MODES = ("audio", "video", "audiovisual", "audiovisual_relscore")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class PreprocessConfig:
+    """Mouth-ROI extraction (``preprocessing.py``)."""
+
+    roi_size: int = 96  # output crop, pixels (square)
+    fps: float = 25.0  # output video frame rate
+    sample_rate: int = 16000  # output audio rate, Hz
+    max_missing_frac: float = 0.5  # skip a clip when more frames than this have no face
+    max_gap_frames: int = 15  # longest landmark gap (frames) filled by interpolation
+    smooth_window: int = 5  # temporal smoothing of landmarks, frames (odd; 1 disables)
+    workers: int = 1  # parallel clip workers
+    video_crf: int = 18  # H.264 quality of the written crops (0 = lossless)
+
+
+@dataclass
+class DataConfig:
+    """Preprocessed corpus and batching (``avsr.data``)."""
+
+    root: str = ""  # folder written by preprocessing.py (holds <split>.tsv)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    max_frames: int = 1500  # frame budget of one batch (sum of video frames)
+    num_buckets: int = 8  # length buckets of the dynamic bucketing sampler
+    num_workers: int = 2  # DataLoader workers
+    curriculum_max_frames: Optional[int] = None  # train only on clips <= this many frames ...
+    curriculum_epochs: int = 0  # ... for this many epochs
+    crop_size: int = 88  # random (train) / centre (test) crop of the 96x96 ROI
+    hflip_prob: float = 0.5
+    time_mask_max_frames: int = 10  # longest train-time time mask, frames (0 disables)
+    video_mean: float = 0.421  # grayscale normalisation (after AV-RelScore)
+    video_std: float = 0.165
+
+
+@dataclass
+class TextConfig:
+    """Tokenizer (``avsr.text``)."""
+
+    kind: str = "sentencepiece"  # "sentencepiece" (unigram) or "char"
+    vocab_size: int = 1000  # SentencePiece pieces (incl. specials); ignored for "char"
+    model_path: str = ""  # trained tokenizer file; empty = train from the train manifest
+
+
+@dataclass
+class ModelConfig:
+    """The network (``avsr.models``); defaults are the paper's base size (Hong et al. 2023)."""
+
+    mode: str = "audiovisual_relscore"  # one of MODES
+    # frontends
+    visual_width: int = 64  # channels of the first ResNet stage (64 = ResNet-18)
+    visual_stem_kernel_t: int = 5  # temporal kernel of the Conv3d stem
+    audio_frontend: str = "resnet1d"  # "resnet1d" (raw waveform) or "logmel"
+    audio_width: int = 64
+    frontend_dim: int = 512  # frontend output width
+    # reliability scoring
+    relscore_layers: int = 3
+    relscore_kernel: int = 7
+    # conformer encoder
+    d_model: int = 256
+    num_heads: int = 4
+    ffn_dim: int = 2048
+    num_layers: int = 12
+    conv_kernel: int = 31
+    dropout: float = 0.1
+    # attention decoder
+    decoder_layers: int = 6
+    decoder_ffn_dim: int = 2048
+    # loss
+    ctc_weight: float = 0.1  # lambda in lambda*CTC + (1-lambda)*attention
+    label_smoothing: float = 0.1
+    # auxiliary heads (multi-task weights; 0 disables the head)
+    mouth_opening_weight: float = 0.0
+    lip2speech_weight: float = 0.0
+
+
+@dataclass
+class CorruptionConfig:
+    """Train-time corruption modelling (``avsr.corruption``)."""
+
+    visual_prob: float = 0.8  # probability a clip gets visual corruption (paper: 0.8)
+    occluder_dir: str = ""  # folder of RGBA PNG occluders; empty = built-in bank
+    audio_noise_prob: float = 0.0  # probability a clip gets audio noise
+    audio_noise_types: list[str] = field(default_factory=lambda: ["babble", "white"])
+    snr_db: list[float] = field(default_factory=lambda: [-5.0, 0.0, 5.0, 10.0, 15.0])
+    babble_speakers: int = 6  # utterances summed into one babble signal
+    noise_file: str = ""  # user-given noise waveform (any format PyAV reads)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, checkpoints and logging (``avsr.training``)."""
+
+    exp_dir: str = "checkpoints/exp"
+    epochs: int = 50
+    max_steps: Optional[int] = None  # stop after this many optimiser steps
+    optimizer: str = "adamw"  # "adamw" or "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.03
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    schedule: str = "cosine"  # "cosine" or "noam"
+    warmup_steps: int = 1000
+    grad_clip: float = 5.0
+    accum_grad: int = 1
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16", "fp16"
+    eval_step: int = 500  # validate every N optimiser steps
+    save_step: int = 500  # checkpoint every N optimiser steps
+    keep_last: int = 5  # periodic checkpoints kept on disk
+    max_nonfinite: int = 20  # stop after this many non-finite losses in a row
+    log_step: int = 20
+    init_from: str = ""  # initialise weights (not optimiser) from a checkpoint
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding (``avsr.decoding``); defaults are the paper's test settings."""
+
+    beam_size: int = 40
+    ctc_weight: float = 0.1
+    length_penalty: float = 0.0
+    max_len_ratio: float = 1.0  # longest hypothesis, as a fraction of encoder frames
+    lm_path: str = ""
+    lm_weight: float = 0.0
+    batch_size: int = 8
+
+
+@dataclass
+class Config:
+    """The whole experiment."""
+
+    seed: int = 42
+    exp_name: str = "exp"
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def _section(dotted: str) -> type:
+    """The config dataclass that owns the dotted key path ``dotted`` (``""`` = top level)."""
+    obj: Any = Config()
+    for part in filter(None, dotted.split(".")):
+        sub = getattr(obj, part, None)
+        if not is_dataclass(sub):
+            break
+        obj = sub
+    return type(obj)
+
+
+def _unknown_key_error(full_key: str) -> ConfigError:
+    parent, _, leaf = full_key.rpartition(".")
+    cls = _section(parent)
+    valid = [f.name for f in fields(cls)]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    where = f"'{parent}'" if parent else "the top level"
+    return ConfigError(f"unknown config key '{full_key}'.{hint} Valid keys in {where}: {', '.join(valid)}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """The YAML file at ``path`` and its ``_base_`` files, bases first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {path} includes itself through _base_")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    out: list[dict] = []
+    for base in bases:
+        out.extend(_read_yaml(path.parent / base, seen + (path,)))
+    out.append(data)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides.
+
+    Raises :class:`ConfigError` (a ``ValueError``) for an unknown key (listing the valid ones),
+    a value of the wrong type, a malformed override, or a mode not in :data:`MODES`.
+    """
+    merged = OmegaConf.structured(Config)
+    layers = _read_yaml(Path(path)) if path else []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    try:
+        for layer in layers:
+            merged = OmegaConf.merge(merged, OmegaConf.create(layer))
+        if overrides:
+            dot = [f"{k}={v}" for k, v in (o.split("=", 1) for o in overrides)]
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dot))
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except ConfigKeyError as exc:
+        raise _unknown_key_error(str(exc.full_key)) from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or ""
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"invalid config value{' for ' + key if key else ''}: {msg}") from None
+    if cfg.model.mode not in MODES:
+        raise ConfigError(f"model.mode must be one of {', '.join(MODES)}, got '{cfg.model.mode}'")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of ``cfg`` (for checkpoints and logs)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict) -> Config:
+    """Inverse of :func:`to_dict`, validating keys as :func:`load_config` does."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))  # type: ignore[return-value]
+    except ConfigKeyError as exc:
+        raise _unknown_key_error(str(exc.full_key)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (atomically)."""
+    from avsr.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
