@@ -36,3 +36,63 @@ def grid_dir() -> Path:
 def lipnet_dir() -> Path:
     """The unseen-speaker GRID clips — evaluation only, never train or tune on them."""
     return _require(real_data_dir() / "grid_lipnet_samples", "GRID unseen-speaker clips")
+
+
+# GRID s1 clips of the `grid_prepared` corpus: six train clips (lgbf8n starts with 12 grey
+# frames, lrae3s decodes to 74 frames) and three test clips.
+GRID_PREPARED_CLIPS = {
+    "train": ("bbaf2n", "bbaf5a", "bbal6n", "bbal8p", "lgbf8n", "lrae3s"),
+    "test": ("bbal9a", "bbbf7s", "bgat8n"),
+}
+
+
+@pytest.fixture(scope="session")
+def grid_prepared(grid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A preprocessed corpus root (``train.tsv``, ``test.tsv``, ``<split>/<utt_id>.{mp4,wav,txt,npz}``)
+    made by ``avsr.data.preprocess`` from the real GRID s1 clips in :data:`GRID_PREPARED_CLIPS`
+    (mediapipe landmarks; ~5 s). Read only: copy it before changing anything."""
+    from avsr.config import PreprocessConfig
+    from avsr.data.corpora import discover
+    from avsr.data.preprocess import preprocess
+
+    wanted = {u for ids in GRID_PREPARED_CLIPS.values() for u in ids}
+    utts = [u for u in discover("grid", grid_dir) if u.utt_id in wanted]
+    root = tmp_path_factory.mktemp("grid_prepared")
+    summary = preprocess(utts, root, PreprocessConfig(), workers=1, progress=False)
+    assert summary.kept == len(wanted), f"grid_prepared lost clips: {summary.failures}"
+    return root
+
+
+# Smaller than configs/model/tiny.yaml: every branch of the full model (both frontends, reliability
+# scorers, Conformer, decoder) at a size that trains a step in about a second on this CPU.
+MICRO_AVSR = [
+    "model.mode=audiovisual_relscore", "model.visual_width=8", "model.visual_stem_kernel_t=3",
+    "model.audio_frontend=logmel", "model.audio_width=16", "model.frontend_dim=64", "model.d_model=64",
+    "model.num_heads=2", "model.ffn_dim=128", "model.num_layers=2", "model.conv_kernel=15", "model.decoder_layers=1",
+    "model.decoder_ffn_dim=128", "model.relscore_layers=2", "model.mouth_opening_weight=0.5",
+    "model.lip2speech_weight=0.5", "text.kind=char",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(grid_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``last.pt`` of a micro ``audiovisual_relscore`` model with both auxiliary heads (mouth
+    opening ``"mouth"``, lip-to-speech ``"l2s"``) trained for 3 steps (with visual corruption) on
+    ``grid_prepared``'s train split and validated on its test split, written by ``avsr.training``
+    (load it with ``avsr.training.load_model``). Untrained: test plumbing with it, never accuracy."""
+    from avsr.config import load_config
+    from avsr.training.loop import Trainer
+
+    import torch
+
+    exp = tmp_path_factory.mktemp("tiny_checkpoint")
+    cfg = load_config(None, [
+        f"data.root={grid_prepared}", f"train.exp_dir={exp}", *MICRO_AVSR, "data.val_split=test",
+        "data.num_workers=0", "data.max_frames=150", "data.num_buckets=1", "train.max_steps=3", "train.epochs=10",
+        "train.warmup_steps=2", "train.save_step=3", "train.eval_step=3", "train.log_step=1"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two spinning OpenMP threads stall when other jobs share the 2 cores
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        torch.set_num_threads(threads)

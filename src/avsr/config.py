@@ -47,10 +47,13 @@ class DataConfig:
     """Preprocessed corpus and batching (``avsr.data``)."""
 
     root: str = ""  # folder written by preprocessing.py (holds <split>.tsv)
+    name: str = ""  # corpus label for logs (the seed CLI's --data_name)
     train_split: str = "train"
     val_split: str = "val"
+    val_holdout: int = 0  # without <val_split>.tsv: hold out this many train clips (picked by seed) to validate on
     test_split: str = "test"
-    max_frames: int = 1500  # frame budget of one batch (sum of video frames)
+    max_frames: int = 1500  # frame budget of one batch: clips x longest clip, in video frames
+    max_clips: Optional[int] = None  # optional cap on clips per batch (the seed CLI's --batch_size)
     num_buckets: int = 8  # length buckets of the dynamic bucketing sampler
     num_workers: int = 2  # DataLoader workers
     curriculum_max_frames: Optional[int] = None  # train only on clips <= this many frames ...
@@ -91,6 +94,7 @@ class ModelConfig:
     ffn_dim: int = 2048
     num_layers: int = 12
     conv_kernel: int = 31
+    conv_norm: str = "batchnorm"  # norm after the depthwise conv: "batchnorm" (paper) or "layernorm"
     dropout: float = 0.1
     # attention decoder
     decoder_layers: int = 6
@@ -108,12 +112,14 @@ class CorruptionConfig:
     """Train-time corruption modelling (``avsr.corruption``)."""
 
     visual_prob: float = 0.8  # probability a clip gets visual corruption (paper: 0.8)
+    visual_kinds: list[str] = field(default_factory=lambda: ["occlusion", "noise_blur", "occlusion_noise_blur"])
     occluder_dir: str = ""  # folder of RGBA PNG occluders; empty = built-in bank
     audio_noise_prob: float = 0.0  # probability a clip gets audio noise
-    audio_noise_types: list[str] = field(default_factory=lambda: ["babble", "white"])
+    audio_noise_types: list[str] = field(default_factory=lambda: ["babble", "white"])  # babble, white, file
     snr_db: list[float] = field(default_factory=lambda: [-5.0, 0.0, 5.0, 10.0, 15.0])
     babble_speakers: int = 6  # utterances summed into one babble signal
     noise_file: str = ""  # user-given noise waveform (any format PyAV reads)
+    intermittent_prob: float = 0.0  # probability that audio noise is present only in some spans
 
 
 @dataclass
@@ -129,28 +135,34 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     schedule: str = "cosine"  # "cosine" or "noam"
     warmup_steps: int = 1000
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     grad_clip: float = 5.0
     accum_grad: int = 1
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16", "fp16"
     eval_step: int = 500  # validate every N optimiser steps
     save_step: int = 500  # checkpoint every N optimiser steps
+    save_epoch_end: bool = True  # also checkpoint at the end of every epoch
     keep_last: int = 5  # periodic checkpoints kept on disk
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     log_step: int = 20
     init_from: str = ""  # initialise weights (not optimiser) from a checkpoint
+    device: str = "auto"  # "auto" (GPU of this rank if any, else CPU), "cpu", "cuda", "cuda:N"
+    find_unused_parameters: bool = False  # DDP option for models with parameters a mode leaves unused
 
 
 @dataclass
 class DecodeConfig:
     """Decoding (``avsr.decoding``); defaults are the paper's test settings."""
 
+    method: str = "beam"  # "beam" (joint CTC/attention beam search) or "greedy" (best-path CTC)
     beam_size: int = 40
-    ctc_weight: float = 0.1
-    length_penalty: float = 0.0
+    ctc_weight: float = 0.1  # weight of the CTC prefix score; 1 - ctc_weight for the decoder
+    length_penalty: float = 0.0  # bonus per output token (<eos> included); < 0 favours short outputs
     max_len_ratio: float = 1.0  # longest hypothesis, as a fraction of encoder frames
-    lm_path: str = ""
-    lm_weight: float = 0.0
-    batch_size: int = 8
+    pre_beam_ratio: float = 1.5  # CTC-scored candidates per hypothesis, x beam_size (ESPnet's pre-beam)
+    lm_path: str = ""  # Transformer LM of scripts/train_lm.py, for shallow fusion
+    lm_weight: float = 0.0  # 0 disables the LM
+    batch_size: int = 8  # utterances decoded together
 
 
 @dataclass

@@ -1,0 +1,219 @@
+"""Corpus layouts -> a list of :class:`Utterance` (media file, transcript, split, landmark file).
+
+Layouts (``discover(layout, root)``):
+
+``grid``
+    ``video/<id>.mpg`` with ``align/<id>.align`` (``start end word`` in 1/25000 s; ``sil``/``sp``
+    dropped) or, for clips without one, ``transcripts.tsv`` (``<id>.mpg<TAB>TRANSCRIPT``).
+    ``split_<name>.txt`` files (one ``<id>.mpg`` per line) assign splits; without them every
+    clip goes to ``split``.
+``lrs2``
+    ``main/<spk>/<clip>.mp4`` and ``pretrain/<spk>/<clip>.mp4`` with ``.txt`` beside them
+    (``Text:  WORDS`` header, then word timings). ``train.txt``/``val.txt``/``test.txt`` (and
+    ``pretrain.txt``) at the root assign splits (``<spk>/<clip>`` per line, extra columns
+    ignored); without them the split is the top folder.
+``lrs3``
+    ``trainval/``, ``pretrain/``, ``test/`` folders (``<spk>/<clip>.mp4`` + ``.txt``); the split
+    is the folder name.
+``videos``
+    Any tree of videos (:data:`avsr.data.media.VIDEO_EXTENSIONS`), each with a ``.txt`` beside it
+    (plain text or the LRS ``Text:`` format) or a line in ``<root>/transcripts.tsv``
+    (``<relative path or stem><TAB>TRANSCRIPT``). Everything goes to ``split``.
+
+Precomputed landmarks (any layout) are looked up as ``<landmarks_dir>/<stem>.npz`` then
+``.pkl``, where ``<stem>`` is the clip's path below the media folder without extension
+(``<id>`` for GRID, ``<subset>/<spk>/<clip>`` for LRS); ``landmarks_dir`` defaults to the media
+folder itself (files beside the videos). Clips without one get mediapipe detection.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from avsr.data.media import VIDEO_EXTENSIONS
+
+LAYOUTS = ("grid", "lrs2", "lrs3", "videos")
+VOCAB = "ABCDEFGHIJKLMNOPQRSTUVWXYZ' "
+_OUT_OF_VOCAB = re.compile(r"[^A-Z' ]")
+_GRID_SILENCE = {"sil", "sp"}
+_LRS_SUBSETS = {"lrs2": ("main", "pretrain"), "lrs3": ("trainval", "pretrain", "test")}
+
+
+class TranscriptError(ValueError):
+    """A transcript is missing, empty, or has characters outside :data:`VOCAB`."""
+
+
+class CorpusError(ValueError):
+    """A corpus folder does not have the layout asked for."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One clip to preprocess; outputs go to ``<out>/<split>/<utt_id>.*``.
+
+    ``transcript`` is the raw text (``None`` when none was found); ``landmarks`` a precomputed
+    68-point file (``.npz`` or ``.pkl``) or ``None`` for mediapipe detection.
+    """
+
+    utt_id: str
+    split: str
+    media: Path
+    transcript: str | None
+    landmarks: Path | None = None
+
+    @property
+    def rel_path(self) -> str:
+        return f"{self.split}/{self.utt_id}"
+
+
+def normalise_transcript(text: str | None) -> str:
+    """Uppercase, single-spaced transcript; raises :class:`TranscriptError` if empty or out of vocabulary."""
+    if text is None:
+        raise TranscriptError("no transcript")
+    norm = " ".join(text.upper().split())
+    if not norm:
+        raise TranscriptError("empty transcript")
+    bad = sorted(set(_OUT_OF_VOCAB.findall(norm)))
+    if bad:
+        raise TranscriptError(f"transcript has characters outside [A-Z' ]: {''.join(bad)!r}")
+    return norm
+
+
+def read_align(path: str | Path) -> list[tuple[float, float, str]]:
+    """GRID ``.align`` words as ``(start_frame, end_frame, word)`` at 25 fps (times / 1000)."""
+    words = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3:
+            raise CorpusError(f"{path}:{lineno}: expected 'start end word', got {line!r}")
+        words.append((int(parts[0]) / 1000.0, int(parts[1]) / 1000.0, parts[2]))
+    return words
+
+
+def align_transcript(path: str | Path) -> str:
+    """Words of a GRID ``.align`` file without ``sil``/``sp``, space-separated."""
+    return " ".join(w for _, _, w in read_align(path) if w not in _GRID_SILENCE)
+
+
+def read_lrs_text(path: str | Path) -> str:
+    """Transcript of an LRS ``.txt`` (the ``Text:`` line), or the whole file if it has no header."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    for line in text.splitlines():
+        if line.startswith("Text:"):
+            return line[len("Text:"):].strip()
+    return text.strip()
+
+
+def _safe_id(rel: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", rel)
+
+
+def _find_landmarks(landmarks_dir: Path, stem: str) -> Path | None:
+    for ext in (".npz", ".pkl"):
+        p = landmarks_dir / f"{stem}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_tsv(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if "\t" in line:
+                key, text = line.split("\t", 1)
+                out[key.strip()] = text.strip()
+    return out
+
+
+def grid_corpus(root: str | Path, split: str = "train", landmarks_dir: str | Path | None = None) -> list[Utterance]:
+    root = Path(root)
+    video_dir = root / "video"
+    if not video_dir.is_dir():
+        raise CorpusError(f"{root}: not a GRID layout (no video/ folder)")
+    lm_dir = Path(landmarks_dir) if landmarks_dir else video_dir
+    tsv = _read_tsv(root / "transcripts.tsv")
+    split_of: dict[str, str] = {}
+    for f in sorted(root.glob("split_*.txt")):
+        name = f.stem[len("split_"):]
+        for line in f.read_text(encoding="utf-8").split():
+            split_of[Path(line).stem] = name
+    utts = []
+    for media in sorted(p for p in video_dir.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS):
+        stem = media.stem
+        align = root / "align" / f"{stem}.align"
+        text = align_transcript(align) if align.is_file() else tsv.get(media.name, tsv.get(stem))
+        utts.append(Utterance(stem, split_of.get(stem, split), media, text, _find_landmarks(lm_dir, stem)))
+    return utts
+
+
+def _read_list(path: Path) -> set[str]:
+    return {line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+
+def lrs_corpus(root: str | Path, kind: str, landmarks_dir: str | Path | None = None) -> list[Utterance]:
+    root = Path(root)
+    if kind not in _LRS_SUBSETS:
+        raise ValueError(f"kind must be 'lrs2' or 'lrs3', got {kind!r}")
+    subsets = [s for s in _LRS_SUBSETS[kind] if (root / s).is_dir()]
+    if not subsets:
+        raise CorpusError(f"{root}: not an {kind.upper()} layout (none of {', '.join(_LRS_SUBSETS[kind])}/)")
+    lm_dir = Path(landmarks_dir) if landmarks_dir else root
+    lists = {}
+    if kind == "lrs2":
+        lists = {name: _read_list(root / f"{name}.txt") for name in ("train", "val", "test", "pretrain")
+                 if (root / f"{name}.txt").is_file()}
+    utts = []
+    for subset in subsets:
+        for media in sorted((root / subset).rglob("*.mp4")):
+            rel = media.relative_to(root / subset).with_suffix("").as_posix()  # <spk>/<clip>
+            split = next((name for name, ids in lists.items() if rel in ids), subset)
+            txt = media.with_suffix(".txt")
+            text = read_lrs_text(txt) if txt.is_file() else None
+            utts.append(Utterance(_safe_id(rel), split, media, text,
+                                  _find_landmarks(lm_dir, f"{subset}/{rel}")))
+    return utts
+
+
+def video_corpus(root: str | Path, split: str = "train", landmarks_dir: str | Path | None = None) -> list[Utterance]:
+    root = Path(root)
+    if not root.is_dir():
+        raise CorpusError(f"{root}: not a folder")
+    lm_dir = Path(landmarks_dir) if landmarks_dir else root
+    tsv = _read_tsv(root / "transcripts.tsv")
+    utts = []
+    for media in sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()):
+        rel = media.relative_to(root).as_posix()
+        stem = rel[: -len(media.suffix)]
+        txt = media.with_suffix(".txt")
+        text = read_lrs_text(txt) if txt.is_file() else tsv.get(rel, tsv.get(stem, tsv.get(media.stem)))
+        utts.append(Utterance(_safe_id(stem), split, media, text, _find_landmarks(lm_dir, stem)))
+    return utts
+
+
+def discover(layout: str, root: str | Path, split: str = "train",
+             landmarks_dir: str | Path | None = None) -> list[Utterance]:
+    """All utterances of the corpus at ``root`` in ``layout`` (one of :data:`LAYOUTS`), sorted.
+
+    ``split`` names the split of clips the layout does not assign (GRID without split files,
+    ``videos``). Raises :class:`CorpusError` when ``root`` lacks the layout or an utterance id
+    repeats within a split.
+    """
+    if layout == "grid":
+        utts = grid_corpus(root, split, landmarks_dir)
+    elif layout in ("lrs2", "lrs3"):
+        utts = lrs_corpus(root, layout, landmarks_dir)
+    elif layout == "videos":
+        utts = video_corpus(root, split, landmarks_dir)
+    else:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    seen: dict[str, Path] = {}
+    for u in utts:
+        if u.rel_path in seen:
+            raise CorpusError(f"utterance id {u.rel_path} is used by both {seen[u.rel_path]} and {u.media}")
+        seen[u.rel_path] = u.media
+    return sorted(utts, key=lambda u: u.rel_path)

@@ -1,0 +1,191 @@
+"""The audio-visual dataset over a preprocessed manifest, and its collate function.
+
+A sample is loaded from ``<root>/<path>.{mp4,wav,npz}`` (see :mod:`avsr.data.manifest`),
+optionally corrupted (train-time corruption modelling, :mod:`avsr.corruption`), transformed
+(:mod:`avsr.data.transforms`) and paired with its token ids. Randomness comes from a generator
+seeded with ``(seed, epoch, index)`` — the key :class:`~avsr.data.sampler.FrameBudgetSampler`
+yields — so the same sample gets the same augmentation whichever worker loads it, and a resumed
+run sees exactly the data an uninterrupted one would.
+
+A clip that cannot be read is reported once (one log line naming the file) and dropped from its
+batch; :func:`collate` returns ``None`` when nothing in a batch could be read.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from avsr.data.batch import IGNORE_ID, Batch
+from avsr.data.manifest import ManifestRow
+from avsr.data.transforms import SAMPLES_PER_FRAME, Clip, Compose
+
+log = logging.getLogger(__name__)
+
+VisualCorruptFn = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
+AudioCorruptFn = Callable[..., np.ndarray]  # f(wave, rng, exclude=(utt_id,)) -> wave
+
+
+@dataclass
+class Sample:
+    """One transformed utterance (what :func:`collate` pads into a :class:`Batch`).
+
+    - ``video``: ``(T, H, W)`` float32 normalised mouth ROI at 25 fps
+    - ``audio``: ``(640 * T,)`` float32 waveform at 16 kHz
+    - ``tokens``: ``(L,)`` int64 token ids
+    - ``landmarks``: ``(T, 20, 2)`` float32 lip landmarks in pixels of ``video``
+    - ``mouth_opening``: ``(T,)`` float32
+    """
+
+    utt_id: str
+    transcript: str
+    video: np.ndarray
+    audio: np.ndarray
+    tokens: np.ndarray
+    landmarks: np.ndarray
+    mouth_opening: np.ndarray
+
+
+class AVDataset(torch.utils.data.Dataset):
+    """Clips of one manifest split, ready for a model.
+
+    Args:
+        root: preprocessed corpus root (holds ``<path>.mp4/.wav/.npz``).
+        rows: manifest rows (``avsr.data.manifest.read_manifest(root, split)``).
+        encode: text -> token ids (``Tokenizer.encode``); rows whose transcript encodes to no
+            token are dropped at construction (logged).
+        transform: :func:`avsr.data.transforms.build_transform` pipeline.
+        seed: base seed of the per-sample generators.
+        visual_corrupt: optional ``f(frames uint8 (T, H, W), landmarks (T, 20, 2), rng) -> frames``
+            applied to the 96x96 ROI before the transform (e.g. ``avsr.corruption.VisualCorruptor``).
+        audio_corrupt: optional ``f(wave float32 (S,), rng, exclude=(utt_id,)) -> wave`` (e.g.
+            ``avsr.corruption.audio.AudioCorruptor``; ``exclude`` keeps a clip out of its own babble).
+
+    ``dataset[key]`` takes a ``(index, epoch)`` key (an ``int`` means epoch 0) and returns a
+    :class:`Sample`, or ``None`` when the clip's files cannot be read.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        rows: Sequence[ManifestRow],
+        encode: Callable[[str], list[int]],
+        transform: Compose,
+        seed: int = 0,
+        visual_corrupt: Optional[VisualCorruptFn] = None,
+        audio_corrupt: Optional[AudioCorruptFn] = None,
+    ) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        self.seed = seed
+        self.visual_corrupt, self.audio_corrupt = visual_corrupt, audio_corrupt
+        self.rows: list[ManifestRow] = []
+        self.tokens: list[np.ndarray] = []
+        for row in rows:
+            ids = encode(row.transcript)
+            if not ids:
+                log.warning("skipping %s: transcript %r has no tokens", row.file(self.root, ".mp4"), row.transcript)
+                continue
+            self.rows.append(row)
+            self.tokens.append(np.asarray(ids, dtype=np.int64))
+        if not self.rows:
+            raise ValueError(f"no usable clips under {self.root}")
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Video frames of each clip (from the manifest), for the sampler."""
+        return [r.n_frames for r in self.rows]
+
+    def _load(self, row: ManifestRow) -> tuple[np.ndarray, np.ndarray, dict]:
+        from avsr.data.media import load_clip
+
+        frames, wave, meta = load_clip(self.root, row)
+        if frames.ndim != 3 or len(frames) == 0:
+            raise ValueError(f"expected (T, H, W) frames with T > 0, got shape {frames.shape}")
+        n = len(frames) * SAMPLES_PER_FRAME
+        wave = np.asarray(wave, dtype=np.float32)
+        wave = wave[:n] if len(wave) >= n else np.pad(wave, (0, n - len(wave)))
+        t = len(frames)
+        lm = np.asarray(meta["landmarks"], dtype=np.float32)[:t]
+        mo = np.asarray(meta["mouth_opening"], dtype=np.float32)[:t]
+        if len(lm) != t or len(mo) != t:
+            raise ValueError(f"npz has {len(lm)} landmark frames for {t} video frames")
+        return frames, wave, {"landmarks": lm, "mouth_opening": mo}
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Optional[Sample]:
+        index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
+        row = self.rows[index]
+        try:
+            frames, wave, meta = self._load(row)
+        except Exception as exc:  # noqa: BLE001 - media decoders raise many types; report and skip
+            name = str(row.file(self.root, ".mp4"))
+            if name not in self._reported:
+                self._reported.add(name)
+                log.warning("skipping bad clip %s: %s: %s", name, type(exc).__name__, exc)
+            return None
+        rng = np.random.default_rng([self.seed, epoch, index])
+        landmarks = meta["landmarks"]
+        if self.visual_corrupt is not None:
+            frames = self.visual_corrupt(frames, landmarks, rng)
+        if self.audio_corrupt is not None:
+            wave = self.audio_corrupt(wave, rng, exclude=(row.utt_id,))
+        clip = self.transform(Clip(video=frames, landmarks=landmarks, audio=wave), rng)
+        return Sample(utt_id=row.utt_id, transcript=row.transcript, video=clip.video,
+                      audio=np.ascontiguousarray(clip.audio, dtype=np.float32), tokens=self.tokens[index],
+                      landmarks=np.ascontiguousarray(clip.landmarks, dtype=np.float32),
+                      mouth_opening=meta["mouth_opening"])
+
+
+def hold_out(rows: Sequence[ManifestRow], n: int, seed: int) -> tuple[list[ManifestRow], list[ManifestRow]]:
+    """``(kept, held_out)``: ``n`` rows picked at random (by ``seed``, independent of row order),
+    for corpora without a validation split. Raises ``ValueError`` unless ``0 < n < len(rows)``."""
+    if not 0 < n < len(rows):
+        raise ValueError(f"cannot hold out {n} of {len(rows)} clips for validation")
+    ordered = sorted(rows, key=lambda r: r.utt_id)
+    held = set(np.random.default_rng(seed).permutation(len(ordered))[:n].tolist())
+    return ([r for i, r in enumerate(ordered) if i not in held], [r for i, r in enumerate(ordered) if i in held])
+
+
+def _pad(arrays: Sequence[np.ndarray], value: float, dtype: torch.dtype) -> torch.Tensor:
+    """Stack arrays of equal trailing shape, padding the first axis with ``value``."""
+    longest = max(len(a) for a in arrays)
+    out = torch.full((len(arrays), longest, *arrays[0].shape[1:]), value, dtype=dtype)
+    for i, a in enumerate(arrays):
+        out[i, :len(a)] = torch.from_numpy(np.ascontiguousarray(a))
+    return out
+
+
+def _lengths(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.tensor([len(a) for a in arrays], dtype=torch.int64)
+
+
+def collate(samples: Sequence[Optional[Sample]]) -> Optional[Batch]:
+    """Pad samples into a :class:`Batch` (``None`` entries, i.e. unreadable clips, are dropped).
+
+    Video is padded with 0 (the normalised mean grey), audio and mouth opening with 0, tokens
+    with ``IGNORE_ID``. Returns ``None`` when no sample is left.
+    """
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        return None
+    return Batch(
+        video=_pad([s.video for s in kept], 0.0, torch.float32).unsqueeze(2),
+        video_lengths=_lengths([s.video for s in kept]),
+        audio=_pad([s.audio for s in kept], 0.0, torch.float32),
+        audio_lengths=_lengths([s.audio for s in kept]),
+        tokens=_pad([s.tokens for s in kept], IGNORE_ID, torch.int64),
+        token_lengths=_lengths([s.tokens for s in kept]),
+        utt_ids=[s.utt_id for s in kept],
+        transcripts=[s.transcript for s in kept],
+        mouth_opening=_pad([s.mouth_opening for s in kept], 0.0, torch.float32),
+        landmarks=_pad([s.landmarks for s in kept], 0.0, torch.float32),
+    )

@@ -1,0 +1,279 @@
+"""Audio and video I/O with PyAV (any container/codec FFmpeg reads), plus the clip reader.
+
+Reading: :func:`iter_video` streams frames resampled to a target frame rate (nearest frame in
+presentation time, like FFmpeg's ``fps`` filter), :func:`read_video` / :func:`read_gray_video`
+load a whole clip, :func:`read_audio` decodes, down-mixes and resamples audio with
+``av.AudioResampler``. Writing: :func:`write_gray_video` (H.264 via libx264, yuv420p, the grey
+image as the Y plane) and :func:`write_wav` (16-bit PCM via soundfile). Every reader raises
+:class:`MediaError` with the file name when a file is unreadable or lacks the stream asked for.
+
+"Grey" is the decoded luma (Y) plane for YUV 4:2:0 sources (most video, including GRID's MPEG-1
+and LRS's H.264), else BT.601 luma computed from RGB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import av
+import cv2
+import numpy as np
+import soundfile as sf
+
+VIDEO_EXTENSIONS = (".mp4", ".mpg", ".mpeg", ".avi", ".mov", ".mkv", ".webm")
+_I420 = ("yuv420p", "yuvj420p")
+
+
+class MediaError(ValueError):
+    """A media file cannot be opened or decoded, or lacks the stream asked for."""
+
+
+@dataclass
+class Frame:
+    """One output frame of :func:`iter_video`.
+
+    ``index`` is the source frame number (repeated when upsampling, skipped when downsampling);
+    ``gray`` is (H, W) uint8; ``rgb`` is (H, W, 3) uint8, or ``None`` unless asked for.
+    """
+
+    index: int
+    gray: np.ndarray
+    rgb: np.ndarray | None
+
+
+def _open(path: str | Path) -> av.container.InputContainer:
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
+        raise MediaError(f"{path}: unreadable media file ({exc})") from None
+
+
+def _convert(frame: av.VideoFrame, want_rgb: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(gray, rgb or None) of a decoded frame; YUV 4:2:0 takes the fast path (no swscale)."""
+    if frame.format.name in _I420 and frame.width % 2 == 0 and frame.height % 2 == 0:
+        if not want_rgb:  # the Y plane alone, rows possibly padded to line_size
+            y = frame.planes[0]
+            return np.frombuffer(y, np.uint8).reshape(y.height, y.line_size)[:, : y.width].copy(), None
+        yuv = frame.to_ndarray()  # (3H/2, W): Y plane, then U and V
+        return yuv[: frame.height].copy(), cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420)
+    rgb = frame.to_ndarray(format="rgb24")
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (rgb if want_rgb else None)
+
+
+def iter_video(path: str | Path, fps: float | None = 25.0, rgb: bool = False,
+               threads: bool = True) -> Iterator[Frame]:
+    """Decode the first video stream of ``path`` as :class:`Frame` s resampled to ``fps``.
+
+    Output frame ``k`` (time ``k / fps`` after the first frame) is the source frame nearest in
+    presentation time; the clip lasts until the last frame's end, so a 25 fps clip of N frames
+    gives N frames at ``fps=25`` and ``round(N * fps / 25)`` otherwise. ``fps=None`` keeps every
+    source frame. ``threads`` lets FFmpeg decode with frame/slice threads (fast; output is
+    identical). Raises :class:`MediaError` when the file is unreadable, has no video stream, or
+    decodes to less than 90% of the duration its stream header declares (a truncated download:
+    raised after the decodable frames, before the tail that would pad the clip).
+    """
+    if fps is not None and fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    container = _open(path)
+    try:
+        if not container.streams.video:
+            raise MediaError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        if threads:
+            stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        src_fps = float(rate) if rate else 25.0
+        prev: tuple[int, float, av.VideoFrame] | None = None
+        t0 = None
+        t = -1.0 / src_fps  # time of the last decoded frame
+        k = 0  # next output frame
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                t = frame.time if frame.time is not None else i / src_fps
+                t0 = t if t0 is None else t0
+                t -= t0
+                if fps is None:
+                    yield Frame(i, *_convert(frame, rgb))
+                    continue
+                if prev is not None:
+                    mid = 0.5 * (prev[1] + t)
+                    while k / fps < mid - 1e-6:
+                        yield Frame(prev[0], *_convert(prev[2], rgb))
+                        k += 1
+                prev = (i, t, frame)
+        except av.error.FFmpegError as exc:
+            raise MediaError(f"{path}: video decoding failed ({exc})") from None
+        declared = float(stream.duration * stream.time_base) if stream.duration else 0.0
+        decoded = t + 1.0 / src_fps
+        if decoded < 0.9 * declared - 1.0 / src_fps:
+            raise MediaError(f"{path}: truncated or corrupt: decoded {decoded:.2f} s of the "
+                             f"{declared:.2f} s its header declares")
+        if prev is not None:
+            n_total = int(round((prev[1] + 1.0 / src_fps) * fps))
+            while k < max(n_total, 1):
+                yield Frame(prev[0], *_convert(prev[2], rgb))
+                k += 1
+    finally:
+        container.close()
+
+
+def read_video(path: str | Path, fps: float | None = None, gray: bool = False) -> tuple[np.ndarray, float]:
+    """Whole video: ``(frames, fps)``; frames (T, H, W, 3) uint8 RGB, or (T, H, W) if ``gray``.
+
+    ``fps=None`` keeps the source frames and returns the stream's frame rate; otherwise frames
+    are resampled (see :func:`iter_video`). Raises :class:`MediaError`; an empty stream gives T=0.
+    """
+    out_fps = fps
+    if fps is None:
+        container = _open(path)
+        try:
+            if not container.streams.video:
+                raise MediaError(f"{path}: no video stream")
+            s = container.streams.video[0]
+            rate = s.average_rate or s.guessed_rate or s.base_rate
+            out_fps = float(rate) if rate else 25.0
+        finally:
+            container.close()
+    frames = [f.gray if gray else f.rgb for f in iter_video(path, fps, rgb=not gray)]
+    if not frames:
+        return np.zeros((0, 0, 0) if gray else (0, 0, 0, 3), np.uint8), float(out_fps)
+    return np.stack(frames), float(out_fps)
+
+
+def read_gray_video(path: str | Path) -> np.ndarray:
+    """All frames of ``path`` as (T, H, W) uint8 grey (the Y plane of the crops we write)."""
+    return read_video(path, fps=None, gray=True)[0]
+
+
+def video_start_time(path: str | Path) -> float:
+    """Presentation time (s) of the first video frame, from the stream header (0 if unknown)."""
+    container = _open(path)
+    try:
+        if not container.streams.video:
+            raise MediaError(f"{path}: no video stream")
+        s = container.streams.video[0]
+        return float(s.start_time * s.time_base) if s.start_time is not None else 0.0
+    finally:
+        container.close()
+
+
+def read_audio(path: str | Path, sample_rate: int = 16000, start: float | None = None) -> np.ndarray:
+    """First audio stream of ``path``, down-mixed to mono and resampled: (S,) float32 in [-1, 1].
+
+    ``start`` (seconds, e.g. :func:`video_start_time`) re-times the result so that sample 0 is
+    at that presentation time: leading silence is added when the audio starts later, samples
+    are dropped when it starts earlier. Raises :class:`MediaError` when the file is unreadable
+    or has no audio stream.
+    """
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    container = _open(path)
+    try:
+        if not container.streams.audio:
+            raise MediaError(f"{path}: no audio stream")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        chunks: list[np.ndarray] = []
+        first_time = None
+        try:
+            for frame in container.decode(stream):
+                if first_time is None and frame.time is not None:
+                    first_time = frame.time
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as exc:
+            raise MediaError(f"{path}: audio decoding failed ({exc})") from None
+    finally:
+        container.close()
+    wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if start is not None and first_time is not None:
+        shift = int(round((first_time - start) * sample_rate))
+        wave = np.concatenate([np.zeros(shift, np.float32), wave]) if shift > 0 else wave[-shift:]
+    return np.clip(wave, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+def fit_length(wave: np.ndarray, n: int) -> np.ndarray:
+    """``wave`` zero-padded or trimmed at the end to exactly ``n`` samples."""
+    if len(wave) >= n:
+        return wave[:n]
+    return np.concatenate([wave, np.zeros(n - len(wave), wave.dtype)])
+
+
+def write_gray_video(path: str | Path, frames: np.ndarray, fps: float = 25.0, crf: int = 18,
+                     preset: str = "veryfast") -> None:
+    """Write (T, H, W) uint8 grey frames as H.264 (libx264, yuv420p, one thread) to ``path``.
+
+    The grey image becomes the Y plane (chroma fixed at 128), so reading back the Y plane
+    (:func:`read_gray_video`) returns it up to compression (``crf=0`` is lossless). One encoder
+    thread and ``mbtree=0`` make the bytes reproducible. The container comes from the extension (``.mp4``).
+    Raises ValueError for a wrong shape/dtype, odd size, or non-positive fps.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise ValueError(f"frames must be non-empty (T, H, W) uint8, got {frames.shape} {frames.dtype}")
+    t, h, w = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"H.264 yuv420p needs even frame sizes, got {h}x{w}")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if not 0 <= crf <= 51:
+        raise ValueError(f"crf must be in [0, 51], got {crf}")
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), "w") as container:
+        # mbtree reads uninitialised memory in x264 on small frames (same input, different bytes
+        # from run to run); without it the output is reproducible.
+        options = {"crf": str(crf), "preset": preset, "x264-params": "mbtree=0"}
+        stream = container.add_stream("libx264", rate=rate, options=options)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.thread_count = 1
+        # FFmpeg-allocated frames (aligned, padded rows), filled completely: PyAV's from_ndarray
+        # would wrap our buffer without copying while the encoder may still look back at it.
+        probe = av.VideoFrame(w, h, "yuv420p")
+        y_stride, c_stride = probe.planes[0].line_size, probe.planes[1].line_size
+        chroma = np.full((probe.planes[1].height, c_stride), 128, np.uint8)  # neutral U and V
+        luma = np.zeros((t, h, y_stride), np.uint8)
+        luma[:, :, :w] = frames
+        for i in range(t):
+            frame = av.VideoFrame(w, h, "yuv420p")
+            frame.planes[0].update(luma[i])
+            frame.planes[1].update(chroma)
+            frame.planes[2].update(chroma)
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int = 16000) -> None:
+    """Write (S,) float32 in [-1, 1] as 16-bit PCM mono WAV (values outside are clipped)."""
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim != 1:
+        raise ValueError(f"wave must be (S,), got {wave.shape}")
+    pcm = np.round(np.clip(wave, -1.0, 1.0) * 32767.0).astype(np.int16)
+    sf.write(str(path), pcm, sample_rate, subtype="PCM_16", format="WAV")
+
+
+def load_clip(root: str | Path, row) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """One preprocessed clip: ``(frames (T, 96, 96) uint8, wave (S,) float32, npz dict)``.
+
+    ``row`` is an :class:`avsr.data.manifest.ManifestRow`; the npz dict holds ``landmarks``
+    (T, 20, 2) float32, ``mouth_opening`` (T,) float32 and ``face_detected`` (T,) bool.
+    Raises :class:`MediaError` naming the file when one is missing or unreadable.
+    """
+    frames = read_gray_video(row.file(root, ".mp4"))
+    wav_path = row.file(root, ".wav")
+    try:
+        wave, _ = sf.read(str(wav_path), dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        raise MediaError(f"{wav_path}: unreadable audio ({exc})") from None
+    npz_path = row.file(root, ".npz")
+    try:
+        with np.load(npz_path, allow_pickle=False) as z:
+            meta = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise MediaError(f"{npz_path}: unreadable landmarks ({exc})") from None
+    return frames, wave, meta

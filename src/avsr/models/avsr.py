@@ -1,0 +1,288 @@
+"""The audio-visual speech recogniser of "Watch or Listen" (Hong et al., CVPR 2023).
+
+::
+
+    video (B,T,1,88,88) ─ VisualFrontend ─┬─ [ReliabilityScorer] ─┐
+    audio (B,S)         ─ Audio frontend ─┴─ [ReliabilityScorer] ─┴─ concat ─ Linear ─ Conformer ─┬─ CTC head
+                                                                                                  └─ Transformer decoder
+
+``cfg.mode`` picks the branches: ``audio`` and ``video`` use one frontend; ``audiovisual``
+concatenates both; ``audiovisual_relscore`` scores each modality per frame and channel first.
+Training minimises ``ctc_weight * CTC + (1 - ctc_weight) * attention`` (see :mod:`.losses`).
+
+Auxiliary heads (mouth opening, lip-to-speech) plug in with :meth:`AVSRModel.register_aux_head`:
+a head is called as ``head(batch, encoded) -> scalar loss`` with the :class:`EncoderOutput`
+(frontend features included) and its weighted loss is added to the total.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from avsr.config import MODES, ModelConfig, from_dict
+from avsr.data.batch import Batch
+from avsr.models.conformer import Conformer
+from avsr.models.decoder import TransformerDecoder
+from avsr.models.frontends import AudioResNetFrontend, LogMelFrontend, VisualFrontend
+from avsr.models.heads import attach_aux_heads
+from avsr.models.losses import add_sos_eos, ctc_loss, label_smoothing_loss
+from avsr.models.reliability import ReliabilityScorer
+
+log = logging.getLogger(__name__)
+
+AUDIO_FRONTENDS = ("resnet1d", "logmel")
+ENCODER_PARTS = ("visual_frontend", "audio_frontend", "encoder")
+
+
+@dataclass
+class EncoderOutput:
+    """What :meth:`AVSREncoder.encode` gives.
+
+    - ``enc``: ``(B, T, D)`` Conformer output at 25 fps (zero on padding)
+    - ``enc_lengths``: ``(B,)`` int64 valid frames
+    - ``reliability``: ``{"video": (B, T, C), "audio": (B, T, C)}`` scores in (0, 1) (0 on
+      padding) in ``audiovisual_relscore`` mode, else empty
+    - ``visual_feats`` / ``audio_feats``: ``(B, T, C)`` frontend outputs before scoring, or
+      None when the mode does not use that modality
+    """
+
+    enc: torch.Tensor
+    enc_lengths: torch.Tensor
+    reliability: dict[str, torch.Tensor] = field(default_factory=dict)
+    visual_feats: torch.Tensor | None = None
+    audio_feats: torch.Tensor | None = None
+
+
+@dataclass
+class ModelOutput:
+    """What :meth:`AVSRModel.forward` gives.
+
+    - ``loss``: scalar to minimise
+    - ``losses``: detached scalars for logging: ``ctc``, ``att``, ``acc`` (decoder token
+      accuracy) and one entry per auxiliary head
+    - ``enc``, ``enc_lengths``, ``reliability``: as in :class:`EncoderOutput`
+    - ``ctc_log_probs``: ``(B, T, V)`` CTC log-probabilities
+    """
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    enc: torch.Tensor
+    enc_lengths: torch.Tensor
+    ctc_log_probs: torch.Tensor
+    reliability: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _check_config(cfg: ModelConfig) -> None:
+    if cfg.mode not in MODES:
+        raise ValueError(f"model.mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
+    if cfg.audio_frontend not in AUDIO_FRONTENDS:
+        raise ValueError(f"model.audio_frontend must be one of {', '.join(AUDIO_FRONTENDS)}, got '{cfg.audio_frontend}'")
+    if not 0.0 <= cfg.ctc_weight <= 1.0:
+        raise ValueError(f"model.ctc_weight must be in [0, 1], got {cfg.ctc_weight}")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ValueError(f"model.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+
+
+class AVSREncoder(nn.Module):
+    """Frontends, optional reliability scoring, fusion and the Conformer (``cfg`` as in
+    :class:`avsr.config.ModelConfig`). Raises ValueError on an invalid configuration."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        _check_config(cfg)
+        self.mode = cfg.mode
+        self.uses_video = cfg.mode != "audio"
+        self.uses_audio = cfg.mode != "video"
+        c = cfg.frontend_dim
+        self.visual_frontend = VisualFrontend(cfg.visual_width, c, cfg.visual_stem_kernel_t) if self.uses_video else None
+        self.audio_frontend: nn.Module | None = None
+        if self.uses_audio:
+            self.audio_frontend = (
+                AudioResNetFrontend(cfg.audio_width, c) if cfg.audio_frontend == "resnet1d"
+                else LogMelFrontend(8 * cfg.audio_width, c)
+            )
+        self.scorers = nn.ModuleDict()
+        if cfg.mode == "audiovisual_relscore":
+            for name in ("video", "audio"):
+                self.scorers[name] = ReliabilityScorer(c, cfg.relscore_layers, cfg.relscore_kernel)
+        n_streams = int(self.uses_video) + int(self.uses_audio)
+        self.fusion = nn.Sequential(nn.Linear(n_streams * c, cfg.d_model), nn.Dropout(cfg.dropout))
+        self.conformer = Conformer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.num_layers, cfg.conv_kernel,
+                                   cfg.dropout, cfg.conv_norm)
+
+    def encode(
+        self,
+        video: torch.Tensor | None,
+        video_lengths: torch.Tensor | None,
+        audio: torch.Tensor | None,
+        audio_lengths: torch.Tensor | None,
+    ) -> EncoderOutput:
+        """
+        Args:
+            video: ``(B, T, 1, H, W)`` float normalised frames at 25 fps (None in ``audio`` mode).
+            video_lengths: ``(B,)`` int64 frames.
+            audio: ``(B, S)`` float 16 kHz waveform, ``S = 640 T`` (None in ``video`` mode).
+            audio_lengths: ``(B,)`` int64 samples.
+
+        Returns:
+            :class:`EncoderOutput`. In audio-visual modes both streams are cut to the shorter
+            one; raises ValueError when a clip's streams differ by more than one frame or a
+            needed input is missing.
+        """
+        streams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.uses_video:
+            if video is None or video_lengths is None:
+                raise ValueError(f"mode '{self.mode}' needs video and video_lengths")
+            streams["video"] = self.visual_frontend(video, video_lengths)
+        if self.uses_audio:
+            if audio is None or audio_lengths is None:
+                raise ValueError(f"mode '{self.mode}' needs audio and audio_lengths")
+            streams["audio"] = self.audio_frontend(audio, audio_lengths)
+        lengths = torch.stack([ln for _, ln in streams.values()]).amin(0)
+        if len(streams) == 2:
+            gap = (streams["video"][1] - streams["audio"][1]).abs().max()
+            if int(gap) > 1:
+                raise ValueError(f"video and audio lengths disagree by {int(gap)} frames (audio must be 640 samples per frame)")
+        t = min(f.shape[1] for f, _ in streams.values())
+        feats = {name: f[:, :t] for name, (f, _) in streams.items()}
+        reliability = {}
+        fused = []
+        for name, f in feats.items():
+            if name in self.scorers:
+                f, reliability[name], _ = self.scorers[name](f, lengths)
+            fused.append(f)
+        enc, lengths = self.conformer(self.fusion(torch.cat(fused, dim=-1)), lengths)
+        return EncoderOutput(enc, lengths, reliability, feats.get("video"), feats.get("audio"))
+
+    def forward(
+        self,
+        video: torch.Tensor | None,
+        video_lengths: torch.Tensor | None,
+        audio: torch.Tensor | None,
+        audio_lengths: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`encode`, returning only ``(enc (B, T, D), enc_lengths (B,))``."""
+        out = self.encode(video, video_lengths, audio, audio_lengths)
+        return out.enc, out.enc_lengths
+
+
+class CTCHead(nn.Module):
+    """Linear layer and log-softmax: ``(B, T, D)`` encoder frames -> ``(B, T, V)`` log-probabilities."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, vocab_size)
+
+    def forward(self, enc: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.linear(enc), dim=-1)
+
+
+class AVSRModel(nn.Module):
+    """Encoder, CTC head and attention decoder with the hybrid loss.
+
+    Args:
+        cfg: the ``model`` section of the config.
+        vocab_size: tokenizer vocabulary ``V`` (blank 0, ``<sos/eos>`` ``V - 1``).
+
+    Raises ValueError on an invalid configuration or ``vocab_size < 3``.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        if vocab_size < 3:
+            raise ValueError(f"vocab_size must be >= 3 (blank, one token, sos/eos), got {vocab_size}")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.sos_id = self.eos_id = vocab_size - 1
+        self.encoder = AVSREncoder(cfg)
+        self.ctc_head = CTCHead(cfg.d_model, vocab_size)
+        self.decoder = TransformerDecoder(vocab_size, cfg.d_model, cfg.num_heads, cfg.decoder_ffn_dim,
+                                          cfg.decoder_layers, cfg.dropout)
+        self.aux_heads = nn.ModuleDict()
+        self.aux_weights: dict[str, float] = {}
+        attach_aux_heads(self, cfg)  # mouth opening / lip-to-speech when their weights are > 0
+
+    def register_aux_head(self, name: str, head: nn.Module, weight: float) -> None:
+        """Add an auxiliary head ``head(batch, encoded: EncoderOutput) -> scalar loss`` whose
+        loss is added with ``weight`` and logged as ``losses[name]``."""
+        if name in self.aux_heads or name in ("ctc", "att", "acc"):
+            raise ValueError(f"auxiliary head name '{name}' is taken")
+        if weight <= 0:
+            raise ValueError(f"auxiliary head weight must be positive, got {weight}")
+        self.aux_heads[name] = head
+        self.aux_weights[name] = float(weight)
+
+    def encode(
+        self,
+        video: torch.Tensor | None,
+        video_lengths: torch.Tensor | None,
+        audio: torch.Tensor | None,
+        audio_lengths: torch.Tensor | None,
+    ) -> EncoderOutput:
+        """See :meth:`AVSREncoder.encode`."""
+        return self.encoder.encode(video, video_lengths, audio, audio_lengths)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        """Losses and encoder outputs of a :class:`~avsr.data.batch.Batch` (tokens padded with ``IGNORE_ID``)."""
+        encoded = self.encode(batch.video, batch.video_lengths, batch.audio, batch.audio_lengths)
+        ctc_log_probs = self.ctc_head(encoded.enc)
+        ctc = ctc_loss(ctc_log_probs, encoded.enc_lengths, batch.tokens, batch.token_lengths)
+        ys_in, ys_out = add_sos_eos(batch.tokens, batch.token_lengths, self.sos_id)
+        logits = self.decoder(ys_in, encoded.enc, encoded.enc_lengths)
+        att, acc = label_smoothing_loss(logits, ys_out, self.cfg.label_smoothing)
+        w = self.cfg.ctc_weight
+        loss = w * ctc + (1.0 - w) * att
+        losses = {"ctc": ctc.detach(), "att": att.detach(), "acc": acc.detach()}
+        for name, head in self.aux_heads.items():
+            term = head(batch, encoded)
+            loss = loss + self.aux_weights[name] * term
+            losses[name] = term.detach()
+        return ModelOutput(loss, losses, encoded.enc, encoded.enc_lengths, ctc_log_probs, encoded.reliability)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> AVSRModel:
+    """The :class:`AVSRModel` of ``cfg`` for a ``vocab_size``-token vocabulary."""
+    model = AVSRModel(cfg, vocab_size)
+    log.info("built %s model: %.2f M parameters", cfg.mode, sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def load_encoder(checkpoint: str | Path, part: str = "encoder", freeze: bool = True) -> nn.Module:
+    """A pretrained part of a trained model, for reuse.
+
+    Args:
+        checkpoint: file with keys ``model`` (state dict of an :class:`AVSRModel`) and
+            ``config`` (:func:`avsr.config.to_dict` form), read with ``weights_only=True``.
+        part: ``"visual_frontend"`` (``(video, lengths) -> (feats, lengths)``),
+            ``"audio_frontend"`` (``(audio, lengths) -> (feats, lengths)``) or ``"encoder"``
+            (``(video, video_lengths, audio, audio_lengths) -> (enc, lengths)``).
+        freeze: set ``requires_grad=False`` and eval mode (a parent's ``.train()`` undoes the
+            latter; call ``.eval()`` on the part again when fine-tuning around it).
+
+    Raises ValueError for an unknown part, a part the checkpoint's mode lacks, or an unreadable
+    checkpoint (naming the file).
+    """
+    if part not in ENCODER_PARTS:
+        raise ValueError(f"part must be one of {', '.join(ENCODER_PARTS)}, got '{part}'")
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        cfg = from_dict(ckpt["config"]).model
+        prefix = "encoder."
+        state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+        encoder = AVSREncoder(cfg)
+        encoder.load_state_dict(state)
+    except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"cannot load an encoder from checkpoint {checkpoint}: {exc}") from None
+    module = encoder if part == "encoder" else getattr(encoder, part)
+    if module is None:
+        raise ValueError(f"checkpoint {checkpoint} is a '{cfg.mode}' model without a {part}")
+    if freeze:
+        module.requires_grad_(False)
+        module.eval()
+    return module

@@ -1,0 +1,459 @@
+"""Preprocessing on real GRID clips: crops, audio, transcripts, mouth opening, bad input,
+kill-and-resume, shards, other frame rates, and the LRS layout with 68-point landmark files.
+
+Most checks read the session corpus ``grid_prepared`` (9 real clips, mediapipe landmarks).
+Tests that build their own inputs make them with PyAV from real GRID clips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+
+from avsr.config import PreprocessConfig
+from avsr.data import align
+from avsr.data.corpora import (CorpusError, TranscriptError, discover, normalise_transcript, read_align,
+                               read_lrs_text)
+from avsr.data.landmarks import (MOUTH, MP_TO_68, STABLE, FaceMeshTracker, LandmarkError, convert_pickle_tree,
+                                 load_landmarks, mouth_opening, save_landmarks)
+from avsr.data.manifest import read_manifest
+from avsr.data.media import (MediaError, fit_length, iter_video, load_clip, read_audio, read_gray_video,
+                             read_video, write_gray_video, write_wav)
+from avsr.data.preprocess import failures_path, preprocess, shard
+
+REPO = Path(__file__).resolve().parents[1]
+CONTRACT_MOUTH = [61, 40, 37, 0, 267, 270, 291, 321, 314, 17, 84, 91, 78, 81, 13, 311, 308, 402, 14, 178]
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("preprocessing_cli", REPO / "preprocessing.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _transcripts(grid_dir: Path) -> dict[str, str]:
+    lines = (grid_dir / "transcripts.tsv").read_text().splitlines()
+    return {k[: -len(".mpg")]: v for k, v in (line.split("\t") for line in lines)}
+
+
+def _write_av(path: Path, frames: np.ndarray, fps: float, wave: np.ndarray | None, faststart: bool = False) -> None:
+    """(T, H, W, 3) RGB frames (+ 16 kHz mono audio) as an H.264/AAC mp4 or mkv with PyAV."""
+    opts = {"movflags": "+faststart"} if faststart else {}
+    with av.open(str(path), "w", options=opts) as c:
+        vs = c.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "12"})
+        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        aus = c.add_stream("aac", rate=16000, layout="mono") if wave is not None else None
+        for f in frames:
+            c.mux(vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+        c.mux(vs.encode(None))
+        if aus is not None:
+            af = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="flt", layout="mono")
+            af.sample_rate = 16000
+            c.mux(aus.encode(af))
+            c.mux(aus.encode(None))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ pure functions
+def test_landmark_mapping_follows_the_contract():
+    assert MP_TO_68.shape == (68,) and len(set(MP_TO_68.tolist())) == 68
+    assert MP_TO_68[MOUTH].tolist() == CONTRACT_MOUTH
+    assert MP_TO_68[STABLE].tolist() == [33, 133, 362, 263, 1, 61, 291]  # eye corners, nose tip, mouth corners
+    lips = np.zeros((20, 2), np.float32)
+    lips[12], lips[16] = (0, 0), (40, 0)  # inner corners 60/64
+    lips[14], lips[18] = (20, -3), (20, 5)  # inner top/bottom 62/66
+    assert mouth_opening(lips) == pytest.approx(8 / 40)
+
+
+def test_gap_filling_and_smoothing():
+    pts = np.full((10, 1, 2), np.nan, np.float32)
+    pts[2], pts[6] = 2.0, 6.0
+    filled = align.fill_gaps(pts)
+    np.testing.assert_allclose(filled[:, 0, 0], [2, 2, 2, 3, 4, 5, 6, 6, 6, 6])  # ends held, middle linear
+    assert align.longest_gap(~np.isnan(pts[:, 0, 0])) == 3
+    with pytest.raises(ValueError, match="no frame"):
+        align.fill_gaps(np.full((3, 1, 2), np.nan))
+    steps = np.repeat([0.0, 10.0], 5)[:, None, None] * np.ones((1, 1, 2))
+    sm = align.smooth(steps, 3)[:, 0, 0]
+    assert sm[0] == 0 and sm[-1] == 10 and 0 < sm[4] < 10 and 0 < sm[5] < 10
+    with pytest.raises(ValueError, match="odd"):
+        align.smooth(steps, 4)
+
+
+def test_similarity_fit_undoes_a_known_transform():
+    rng = np.random.default_rng(0)
+    angle, scale, shift = 0.3, 2.5, np.array([120.0, 80.0])
+    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    src = np.stack([align.MEAN_FACE @ rot.T + shift + rng.normal(0, 0.01, (7, 2)) for _ in range(3)])
+    back = align.apply_affine(src, align.similarity_transforms(src))
+    np.testing.assert_allclose(back, np.broadcast_to(align.MEAN_FACE, back.shape), atol=0.05)
+
+
+def test_transcripts_are_normalised_or_rejected():
+    assert normalise_transcript("  bin blue\tat f  two now ") == "BIN BLUE AT F TWO NOW"
+    assert normalise_transcript("it's") == "IT'S"
+    for bad, why in [("HELLO 123", "outside"), ("{LG} YES", "outside"), ("   ", "empty"), (None, "no transcript")]:
+        with pytest.raises(TranscriptError, match=why):
+            normalise_transcript(bad)
+
+
+def test_gray_video_and_wav_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (12, 96, 96), dtype=np.uint8)
+    write_gray_video(tmp_path / "a.mp4", frames, crf=0)
+    np.testing.assert_array_equal(read_gray_video(tmp_path / "a.mp4"), frames)  # lossless: Y plane is the image
+    write_gray_video(tmp_path / "b.mp4", frames)
+    write_gray_video(tmp_path / "c.mp4", frames)
+    assert _sha(tmp_path / "b.mp4") == _sha(tmp_path / "c.mp4")  # reproducible bytes
+    wave = np.sin(np.linspace(0, 200, 640 * 12)).astype(np.float32) * 0.5
+    write_wav(tmp_path / "a.wav", wave)
+    back, sr = sf.read(tmp_path / "a.wav", dtype="float32")
+    assert sr == 16000 and sf.info(str(tmp_path / "a.wav")).subtype == "PCM_16"
+    np.testing.assert_allclose(back, wave, atol=1 / 32767)
+    assert len(fit_length(wave, 100)) == 100 and len(fit_length(wave[:10], 100)) == 100
+    with pytest.raises(ValueError, match="even"):
+        write_gray_video(tmp_path / "d.mp4", frames[:, :95])
+
+
+def test_grid_decoding_facts(grid_dir):
+    clip = grid_dir / "video" / "bbaf2n.mpg"
+    assert len(read_audio(clip)) == pytest.approx(131328 * 16000 / 44100, abs=2)  # 2.978 s of MP2 at 44.1 kHz
+    assert [f.index for f in iter_video(clip, 25.0)] == list(range(75))
+    frames30 = [f.index for f in iter_video(clip, 30.0)]  # 3.00 s at 30 fps, nearest source frame (ties: the later)
+    assert len(frames30) == 90 and frames30[:7] == [0, 1, 2, 3, 3, 4, 5] and frames30[-1] == 74
+    assert len(list(iter_video(clip, 12.5))) in (37, 38)
+    assert len(list(iter_video(grid_dir / "video" / "lrae3s.mpg", 25.0))) == 74
+
+
+# ------------------------------------------------------------------ the prepared GRID corpus
+def test_grid_clips_give_centred_crops_audio_and_transcripts(grid_prepared, grid_dir):
+    from conftest import GRID_PREPARED_CLIPS
+
+    truth = _transcripts(grid_dir)
+    for split, ids in GRID_PREPARED_CLIPS.items():
+        rows = read_manifest(grid_prepared, split)
+        assert [r.utt_id for r in rows] == sorted(ids)
+        for row in rows:
+            frames, wave, meta = load_clip(grid_prepared, row)
+            n = 74 if row.utt_id == "lrae3s" else 75  # lrae3s decodes to 74 frames; kept, not padded
+            assert frames.shape == (n, 96, 96) and frames.dtype == np.uint8
+            assert row.n_frames == n and row.n_samples == 640 * n and wave.shape == (640 * n,)
+            assert sf.info(str(row.file(grid_prepared, ".wav"))).samplerate == 16000
+            assert row.transcript == truth[row.utt_id]
+            assert row.file(grid_prepared, ".txt").read_text() == truth[row.utt_id] + "\n"
+            lips, ok = meta["landmarks"], meta["face_detected"]
+            assert lips.shape == (n, 20, 2) and meta["mouth_opening"].shape == (n,) and ok.dtype == bool
+            # the crop's own lip landmarks: centred, and a plausible mouth size
+            np.testing.assert_allclose(lips.mean(axis=1), 47.5, atol=3.0)
+            width = np.linalg.norm(lips[:, 0] - lips[:, 6], axis=1)
+            assert 35 < width.mean() < 60 and lips.min() > 0 and lips.max() < 96
+            # ... and the image agrees: the darkest row (the lip line) is near the middle
+            rows_mean = frames[ok][:, :, 30:66].astype(np.float32).mean(axis=2)
+            assert abs(np.median(rows_mean.argmin(axis=1)) - 47.5) < 6
+            # the audio is the clip's speech, not silence
+            assert np.abs(wave).max() > 0.05
+
+
+def test_mouth_opens_inside_words(grid_prepared, grid_dir):
+    """Mouth opening is higher in the words than in the leading silence of the .align file."""
+    checked = 0
+    for split in ("train", "test"):
+        for row in read_manifest(grid_prepared, split):
+            _, _, meta = load_clip(grid_prepared, row)
+            opening, ok = meta["mouth_opening"], meta["face_detected"]
+            t = np.arange(len(opening)) + 0.5  # frame centres
+            words = read_align(grid_dir / "align" / f"{row.utt_id}.align")
+            lead = (t < words[0][1]) & ok if words[0][2] == "sil" else np.zeros_like(ok)
+            inside = np.zeros_like(ok)
+            for start, end, word in words:
+                if word not in ("sil", "sp"):
+                    inside |= (t >= start) & (t < end)
+            if lead.sum() < 5:  # lgbf8n: its leading silence is all grey frames
+                continue
+            assert opening[inside & ok].mean() > opening[lead].mean() + 0.01, row.utt_id
+            checked += 1
+    assert checked >= 7
+
+
+def test_grey_leading_frames_are_held_and_marked(grid_prepared):
+    row = next(r for r in read_manifest(grid_prepared, "train") if r.utt_id == "lgbf8n")
+    frames, _, meta = load_clip(grid_prepared, row)
+    ok = meta["face_detected"]
+    assert not ok[:12].any() and ok[12:].mean() > 0.95  # 12 grey frames without a face, then the face
+    assert frames[:12].std(axis=(1, 2)).max() < 6 and frames[12:].std(axis=(1, 2)).min() > 15  # flat grey
+    lips = meta["landmarks"]
+    assert np.isfinite(lips).all()
+    # held: the first face is repeated (two 5-frame smoothings reach 4 frames back from frame 12)
+    np.testing.assert_allclose(lips[:8], np.broadcast_to(lips[0], lips[:8].shape), atol=1e-4)
+
+
+def test_mean_face_is_reproduced_from_grid_landmarks(grid_dir):
+    """MEAN_FACE's shape is the Procrustes mean of face-mesh stable points on GRID s1 (see its comment)."""
+    shapes = []
+    with FaceMeshTracker() as tracker:
+        for clip in ("bbaf2n", "bbal6n"):
+            tracker.reset()
+            for f in iter_video(grid_dir / "video" / f"{clip}.mpg", 25.0, rgb=True):
+                pts = tracker(f.rgb)
+                if pts is not None:
+                    shapes.append(pts[STABLE])
+    mean = align.procrustes_mean(np.stack(shapes))
+    ours = align.procrustes_mean(align.MEAN_FACE[None])
+    # compare after aligning one onto the other (similarity), in units of the shape's RMS radius
+    m = align.similarity_transforms(mean[None], ours)
+    assert np.sqrt(((align.apply_affine(mean[None], m)[0] - ours) ** 2).sum(1).mean()) < 0.06
+
+
+# ------------------------------------------------------------------ bad input, resume, shards, layouts
+def test_bad_inputs_are_reported_and_skipped(tmp_path, grid_dir):
+    src = grid_dir / "video" / "bbaf2n.mpg"
+    rgb, _ = read_video(src, fps=25.0)
+    wave = read_audio(src)
+    corpus = tmp_path / "videos"
+    corpus.mkdir()
+    (corpus / "good.mpg").symlink_to(src)
+    _write_av(corpus / "truncated.mp4", rgb, 25, wave, faststart=True)
+    data = (corpus / "truncated.mp4").read_bytes()
+    (corpus / "truncated.mp4").write_bytes(data[: len(data) // 2])  # a download cut in half
+    _write_av(corpus / "cut_no_index.mp4", rgb[:10], 25, wave[:6400])
+    (corpus / "cut_no_index.mp4").write_bytes((corpus / "cut_no_index.mp4").read_bytes()[:3000])  # no moov atom
+    _write_av(corpus / "silent.mp4", rgb, 25, None)  # no audio stream
+    _write_av(corpus / "noface.mp4", np.full_like(rgb, 128), 25, wave)  # grey: no face anywhere
+    (corpus / "garbage.avi").write_bytes(os.urandom(5000))
+    (corpus / "symbols.mpg").symlink_to(src)
+    (corpus / "empty.mkv").write_bytes(b"")
+    transcripts = {"good": "bin blue at f two now", "symbols": "BIN BLUE AT F 2 NOW"}
+    for name in ("truncated", "cut_no_index", "silent", "noface", "garbage", "empty"):
+        transcripts[name] = "BIN BLUE"
+    (corpus / "transcripts.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in transcripts.items()))
+    (corpus / "untranscribed.mpg").symlink_to(src)
+
+    out = tmp_path / "out"
+    assert _cli().main(["--layout", "videos", "--input", str(corpus), "--output", str(out), "--no-progress"]) == 0
+    rows = read_manifest(out, "train")
+    assert [r.utt_id for r in rows] == ["good"] and rows[0].transcript == "BIN BLUE AT F TWO NOW"
+    lines = failures_path(out).read_text().splitlines()
+    assert lines[0] == "utt_id\tsplit\tmedia\treason"
+    reasons = {line.split("\t")[0]: line.split("\t")[3] for line in lines[1:]}
+    assert set(reasons) == {"truncated", "cut_no_index", "silent", "noface", "garbage", "symbols", "empty",
+                            "untranscribed"}
+    assert "truncated" in reasons["truncated"]
+    assert "unreadable" in reasons["cut_no_index"] and "unreadable" in reasons["garbage"]
+    assert "unreadable" in reasons["empty"]
+    assert reasons["silent"] == "no audio stream"
+    assert reasons["noface"].startswith("no face in 75/75 frames")
+    assert "outside [A-Z' ]" in reasons["symbols"] and reasons["untranscribed"] == "no transcript"
+    leftovers = [p.name for p in (out / "train").iterdir()]
+    assert sorted(leftovers) == ["good.mp4", "good.npz", "good.txt", "good.wav"]  # nothing half-written
+
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "garbage.avi").write_bytes(os.urandom(5000))
+    (only_bad / "garbage.txt").write_text("HELLO\n")
+    assert _cli().main(["--layout", "videos", "--input", str(only_bad), "--output", str(tmp_path / "o2"),
+                        "--no-progress"]) == 1
+
+
+def _mini_grid(tmp_path: Path, grid_dir: Path, ids: list[str]) -> Path:
+    root = tmp_path / "grid"
+    (root / "video").mkdir(parents=True)
+    (root / "align").mkdir()
+    for i in ids:
+        (root / "video" / f"{i}.mpg").symlink_to(grid_dir / "video" / f"{i}.mpg")
+        (root / "align" / f"{i}.align").symlink_to(grid_dir / "align" / f"{i}.align")
+    return root
+
+
+def _outputs(root: Path) -> dict[str, object]:
+    """Every file under ``root``: bytes hash, or the arrays of a .npz (its zip header has a timestamp)."""
+    out: dict[str, object] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(root).as_posix()
+            if p.suffix == ".npz":
+                with np.load(p) as z:
+                    out[rel] = {k: z[k].tobytes() for k in z.files}
+            else:
+                out[rel] = _sha(p)
+    return out
+
+
+def test_killed_run_resumes_to_identical_outputs(tmp_path, grid_dir, grid_prepared):
+    """SIGKILL a CLI run part-way, rerun it: the outputs equal those of an uninterrupted run
+    (``grid_prepared``, made by the same code in another process and order)."""
+    ids = ["bbaf2n", "bbaf5a", "bbal6n", "bbal8p"]  # all in grid_prepared's train split
+    corpus = _mini_grid(tmp_path, grid_dir, ids)
+    out = tmp_path / "resumed"
+    cmd = [sys.executable, str(REPO / "preprocessing.py"), "--layout", "grid", "--input", str(corpus),
+           "--output", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "train").glob("*.npz")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list((out / "train").glob("*.npz")))
+    assert 1 <= finished < len(ids), "the run should have been killed part-way"
+    for mp4 in (out / "train").glob("*.mp4"):  # whatever has its final name is complete
+        assert len(read_gray_video(mp4)) == 75
+
+    assert _cli().main(cmd[2:]) == 0
+    resumed = _outputs(out)
+    reference = _outputs(grid_prepared)
+    assert sorted(resumed) == sorted(["train.tsv", "failures.tsv"] + [f"train/{i}{ext}" for i in ids
+                                                                       for ext in (".mp4", ".wav", ".txt", ".npz")])
+    for name, value in resumed.items():
+        if name.startswith("train/"):
+            assert value == reference[name], name
+    assert read_manifest(out, "train") == [r for r in read_manifest(grid_prepared, "train") if r.utt_id in ids]
+
+
+def test_shards_split_the_work_and_complete_the_manifest(tmp_path, grid_dir):
+    ids = ["bbaf2n", "bbal6n", "bbas1s"]
+    corpus = _mini_grid(tmp_path, grid_dir, ids)
+    utts = discover("grid", corpus)
+    parts = [shard(utts, i, 2) for i in range(2)]
+    assert sorted(u.utt_id for p in parts for u in p) == ids and not {u.utt_id for u in parts[0]} & {
+        u.utt_id for u in parts[1]}
+    with pytest.raises(ValueError):
+        shard(utts, 2, 2)
+    out = tmp_path / "out"
+    s0 = preprocess(utts, out, PreprocessConfig(), shard_index=0, num_shards=2, progress=False)
+    assert s0.kept == len(parts[0]) and len(read_manifest(out, "train")) == len(parts[0])
+    s1 = preprocess(utts, out, PreprocessConfig(), shard_index=1, num_shards=2, progress=False)
+    assert s1.kept == len(parts[1]) and [r.utt_id for r in read_manifest(out, "train")] == ids
+    assert failures_path(out, 1, 2).name == "failures.shard1of2.tsv" and failures_path(out, 1, 2).is_file()
+    again = preprocess(utts, out, PreprocessConfig(), workers=2, progress=False)  # everything finished: resume
+    assert again.kept == 0 and again.resumed == len(ids)
+
+
+def test_other_frame_rates_and_sizes_are_resampled_to_25fps(tmp_path, grid_dir):
+    src = grid_dir / "video" / "bbal6n.mpg"
+    frames30 = read_video(src, fps=30.0)[0][:, ::2, ::2][:, :, 10:170]  # 90 frames, 144x160, 30 fps
+    corpus = tmp_path / "any"
+    corpus.mkdir()
+    _write_av(corpus / "clip.mkv", frames30, 30, read_audio(src))
+    (corpus / "clip.txt").write_text("bin blue at l six now\n")
+    out = tmp_path / "out"
+    summary = preprocess(discover("videos", corpus), out, PreprocessConfig(), progress=False)
+    assert summary.kept == 1, summary.failures
+    row = read_manifest(out, "train")[0]
+    frames, wave, meta = load_clip(out, row)
+    assert frames.shape == (75, 96, 96) and wave.shape == (48000,) and row.transcript == "BIN BLUE AT L SIX NOW"
+    assert meta["face_detected"].all()
+    np.testing.assert_allclose(meta["landmarks"].mean(axis=1), 47.5, atol=3.0)
+
+
+def _lrs2_fixture(tmp_path: Path, grid_dir: Path) -> tuple[Path, dict[str, str]]:
+    """An LRS2-shaped tree from 3 GRID clips: main/<spk>/<clip>.mp4 + .txt + .pkl, and split lists.
+
+    The pickles hold mediapipe landmarks mapped to 68 points (None in frames 30..32 of each clip,
+    as an LRS landmark file has when its detector missed).
+    """
+    root = tmp_path / "lrs2"
+    truth = _transcripts(grid_dir)
+    clips = {"spk1/00001": "bbaf2n", "spk1/00002": "bbal6n", "spk2/00001": "bbas1s"}
+    with FaceMeshTracker() as tracker:
+        for rel, gid in clips.items():
+            (root / "main" / rel).parent.mkdir(parents=True, exist_ok=True)
+            src = grid_dir / "video" / f"{gid}.mpg"
+            rgb = read_video(src, fps=25.0)[0]
+            mp4 = root / "main" / f"{rel}.mp4"
+            _write_av(mp4, rgb, 25, read_audio(src))
+            words = " ".join(f"{w.upper()} {s / 25:.2f} {e / 25:.2f} 1.0" for s, e, w in
+                             read_align(grid_dir / "align" / f"{gid}.align") if w not in ("sil", "sp"))
+            mp4.with_suffix(".txt").write_text(f"Text:  {truth[gid]}\nConf:  4\n\nWORD START END ASDSCORE\n"
+                                               + words.replace(" 1.0 ", " 1.0\n") + "\n")
+            tracker.reset()
+            pts = [tracker(f.rgb) for f in iter_video(mp4, None, rgb=True)]
+            pts[30:33] = [None, None, None]
+            with open(mp4.with_suffix(".pkl"), "wb") as fh:
+                pickle.dump(pts, fh)
+    (root / "train.txt").write_text("spk1/00001\nspk2/00001\n")
+    (root / "test.txt").write_text("spk1/00002 NF\n")
+    return root, {"spk1_00001": truth["bbaf2n"], "spk1_00002": truth["bbal6n"], "spk2_00001": truth["bbas1s"]}
+
+
+def test_lrs_layout_with_68_point_pickles(tmp_path, grid_dir):
+    root, truth = _lrs2_fixture(tmp_path, grid_dir)
+    utts = discover("lrs2", root)
+    assert [(u.split, u.utt_id) for u in utts] == [("test", "spk1_00002"), ("train", "spk1_00001"),
+                                                    ("train", "spk2_00001")]
+    assert all(u.landmarks.suffix == ".pkl" for u in utts)
+    assert read_lrs_text(root / "main" / "spk1" / "00001.txt") == truth["spk1_00001"]
+
+    out = tmp_path / "out"
+    cli = _cli()
+    args = ["--layout", "lrs2", "--input", str(root), "--output", str(out), "--no-progress"]
+    with pytest.raises(LandmarkError, match="trust-landmark-pickles"):
+        preprocess(utts, out, PreprocessConfig(), progress=False)
+    with pytest.raises(SystemExit) as exit_info:  # the CLI refuses too, before touching anything
+        cli.main(args)
+    assert exit_info.value.code == 2 and not out.exists()
+    with pytest.raises(LandmarkError, match="refusing"):
+        load_landmarks(utts[0].landmarks)
+
+    assert cli.main(args + ["--trust-landmark-pickles"]) == 0
+    for split, n in (("train", 2), ("test", 1)):
+        rows = read_manifest(out, split)
+        assert len(rows) == n
+        for row in rows:
+            frames, wave, meta = load_clip(out, row)
+            assert frames.shape == (75, 96, 96) and wave.shape == (48000,) and row.transcript == truth[row.utt_id]
+            ok = meta["face_detected"]
+            assert not ok[30:33].any() and ok[:30].all() and ok[33:].all()  # the None frames, interpolated
+            np.testing.assert_allclose(meta["landmarks"].mean(axis=1), 47.5, atol=3.0)
+
+    # one-time conversion: afterwards the .npz files are used without the flag, with the same result
+    assert cli.main(["convert-pickles", str(root), "--trust-landmark-pickles"]) == 0
+    for u in utts:
+        pkl = u.landmarks
+        np.testing.assert_array_equal(load_landmarks(pkl.with_suffix(".npz")), load_landmarks(pkl, trust_pickles=True))
+        pkl.unlink()
+    out2 = tmp_path / "out2"
+    assert cli.main(["--layout", "lrs2", "--input", str(root), "--output", str(out2), "--no-progress"]) == 0
+    for split in ("train", "test"):
+        for row in read_manifest(out2, split):
+            assert _sha(row.file(out2, ".mp4")) == _sha(row.file(out, ".mp4"))
+
+
+def test_lrs3_layout_and_landmark_files(tmp_path):
+    root = tmp_path / "lrs3"
+    for sub, spk, clip in [("trainval", "abc", "50001"), ("pretrain", "abc", "00001"), ("test", "x-y", "00003")]:
+        d = root / sub / spk
+        d.mkdir(parents=True)
+        (d / f"{clip}.mp4").write_bytes(b"")
+        (d / f"{clip}.txt").write_text("Text:  HELLO THERE\nConf:  3\n")
+    lm = tmp_path / "landmarks"
+    save_landmarks(lm / "test" / "x-y" / "00003.npz", np.zeros((4, 68, 2), np.float32))
+    utts = discover("lrs3", root, landmarks_dir=lm)
+    assert [(u.split, u.utt_id, u.transcript) for u in utts] == [
+        ("pretrain", "abc_00001", "HELLO THERE"), ("test", "x-y_00003", "HELLO THERE"),
+        ("trainval", "abc_50001", "HELLO THERE")]
+    assert [u.landmarks is not None for u in utts] == [False, True, False]
+    with pytest.raises(CorpusError, match="GRID"):
+        discover("grid", root)
+    bad = tmp_path / "bad.pkl"
+    with open(bad, "wb") as fh:
+        pickle.dump([np.zeros((5, 2))], fh)
+    with pytest.raises(LandmarkError, match="shape"):
+        load_landmarks(bad, trust_pickles=True)
+    assert convert_pickle_tree(tmp_path / "landmarks")[0] == 0  # nothing to convert
+    with pytest.raises(MediaError, match="unreadable"):
+        read_audio(utts[0].media)
