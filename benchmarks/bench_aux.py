@@ -11,11 +11,8 @@
    frames and averaged per utterance, beside an energy-envelope baseline (per-frame mean log-mel).
    Targets (issue 10): r >= 0.85 on s1 test, >= 0.65 on unseen speakers; the report says which of
    pooled / per-utterance meets them.
-3. Lip-to-speech on s1 test: :class:`avsr.models.heads.Lip2SpeechDecoder` (speaker reference =
-   the first second of the real mel) trained with the mel L1 loss on fixed, cheap visual features
-   (64-component PCA "eigenlips" of the 44x44-downsampled centre crop, fit on s1 train) — a CPU
-   budget stand-in for a trained visual frontend; waveform by Griffin-Lim; STOI/ESTOI against the
-   real audio, beside Griffin-Lim of the real mel (the ceiling of the vocoder path).
+3. Lip-to-speech on s1 test with the eigenlip recipe of :mod:`avsr.lip2speech` (STOI/ESTOI
+   against the real audio, beside Griffin-Lim of the real mel).
 
 Keep it under ~5 minutes on the 2-core machine once ``--work`` holds the preprocessed clips
 (the first run adds ~1-2 minutes of preprocessing).
@@ -34,27 +31,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
-from avsr.audio_features import log_mel, mel_to_wave
 from avsr.config import PreprocessConfig
 from avsr.data.corpora import discover
-from avsr.data.manifest import read_manifest
-from avsr.data.media import read_gray_video
 from avsr.data.preprocess import preprocess
-from avsr.evaluation.aux_metrics import curve_metrics, speech_intelligibility
-from avsr.models.heads import Lip2SpeechDecoder, Lip2SpeechLoss, reference_mel
+from avsr.evaluation.aux_metrics import curve_metrics
+from avsr.lip2speech import train_eval_lip2speech
 from avsr.mouth_opening import (MouthData, MouthTrainConfig, energy_envelope_curves, evaluate_mouth_model,
                                 load_mouth_data, train_mouth_model)
-from avsr.utils import atomic_write_text, real_data_dir, seed_everything, set_num_threads
+from avsr.utils import atomic_write_text, real_data_dir, set_num_threads
 
 log = logging.getLogger("bench_aux")
 
 TARGETS = {"s1_test": 0.85, "unseen": 0.65}
 S1_IN_LIPNET = "bbaf2n"  # GRID s1, in s1's train split: not an unseen speaker
 MOUTH_ARGS = dict(channels=64, hidden=64, kernel=3, dropout=0.1)
-EIGENLIPS = 64
 
 
 def prepare(work: Path, data_dir: Path, workers: int) -> dict:
@@ -109,87 +101,6 @@ def bench_mouth(train: MouthData, evals: dict[str, MouthData], steps: int, causa
     return out
 
 
-def _eigenlip_inputs(root: Path, split: str) -> tuple[list[np.ndarray], list[torch.Tensor], list[str]]:
-    """Per clip: downsampled centre crops ``(T, 1936)`` float32, the real wave, the utterance id."""
-    frames_out, waves, ids = [], [], []
-    for row in read_manifest(root, split):
-        frames = read_gray_video(row.file(root, ".mp4"))[:, 4:92, 4:92].astype(np.float32) / 255.0
-        small = frames.reshape(len(frames), 44, 2, 44, 2).mean((2, 4)).reshape(len(frames), -1)
-        wave, _ = sf.read(str(row.file(root, ".wav")), dtype="float32")
-        frames_out.append(small)
-        waves.append(torch.from_numpy(wave[: 640 * len(frames)]))
-        ids.append(row.utt_id)
-    return frames_out, waves, ids
-
-
-def bench_lip2speech(root: Path, steps: int, batch_size: int = 16, seed: int = 0) -> dict:
-    """Train the lip-to-speech decoder on eigenlip features of s1 train; STOI/ESTOI on s1 test."""
-    seed_everything(seed)
-    t0 = time.perf_counter()
-    tr_frames, tr_waves, _ = _eigenlip_inputs(root, "train")
-    te_frames, te_waves, te_ids = _eigenlip_inputs(root, "test")
-    stacked = np.concatenate(tr_frames)
-    mean = stacked.mean(0)
-    _, _, vt = np.linalg.svd(stacked[:: 4] - mean, full_matrices=False)  # PCA on every 4th frame
-    basis = vt[:EIGENLIPS].T
-    scale = ((stacked - mean) @ basis).std(0)
-
-    def feats(clips: list[np.ndarray]) -> list[torch.Tensor]:
-        return [torch.from_numpy(((c - mean) @ basis / scale).astype(np.float32)) for c in clips]
-
-    def batch(f: list[torch.Tensor], w: list[torch.Tensor], index: list[int]):
-        x = torch.nn.utils.rnn.pad_sequence([f[i] for i in index], batch_first=True)
-        lengths = torch.tensor([len(f[i]) for i in index])
-        wave = torch.nn.utils.rnn.pad_sequence([w[i] for i in index], batch_first=True)
-        mel, mel_lengths = log_mel(wave, torch.tensor([len(w[i]) for i in index]))
-        return x, lengths, mel, mel_lengths
-
-    tr_feats, te_feats = feats(tr_frames), feats(te_frames)
-    features_seconds = time.perf_counter() - t0
-    decoder = Lip2SpeechDecoder(EIGENLIPS, d_model=128, num_blocks=2, dropout=0.1)
-    criterion = Lip2SpeechLoss(EIGENLIPS)
-    opt = torch.optim.AdamW(decoder.parameters(), lr=2e-3, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    t1 = time.perf_counter()
-    decoder.train()
-    for _ in range(steps):
-        x, lengths, mel, mel_lengths = batch(tr_feats, tr_waves, torch.randint(len(tr_feats), (batch_size,), generator=gen).tolist())
-        pred, pred_lengths = decoder(x, lengths, *reference_mel(mel, mel_lengths))
-        loss = criterion(pred, pred_lengths, mel, mel_lengths)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-    train_seconds = time.perf_counter() - t1
-    decoder.eval()
-    generated, rebuilt, test_l1 = [], [], []
-    with torch.no_grad():
-        for i in range(len(te_feats)):
-            x, lengths, mel, mel_lengths = batch(te_feats, te_waves, [i])
-            pred, pred_lengths = decoder(x, lengths, *reference_mel(mel, mel_lengths))
-            test_l1.append(float(criterion(pred, pred_lengths, mel, mel_lengths)["l1"]))
-            generated.append(mel_to_wave(pred[0], n_iter=32).numpy())
-            rebuilt.append(mel_to_wave(mel[0], n_iter=32).numpy())
-    refs = [w.numpy() for w in te_waves]
-    synth = speech_intelligibility(refs, generated, utt_ids=te_ids)
-    ceiling = speech_intelligibility(refs, rebuilt, utt_ids=te_ids)
-    return {
-        "visual_features": f"{EIGENLIPS}-component PCA of the 44x44-downsampled 88x88 centre crop (fit on s1 train)",
-        "decoder": {"d_model": 128, "num_blocks": 2,
-                    "parameters": sum(p.numel() for p in decoder.parameters())},
-        "loss": "mel L1 (no content supervision: no ASR encoder is trained in this benchmark)",
-        "steps": steps, "batch_size": batch_size, "features_seconds": round(features_seconds, 1),
-        "train_seconds": round(train_seconds, 1), "train_l1_first_last": [round(losses[0], 3), round(float(np.mean(losses[-20:])), 3)],
-        "s1_test": {"stoi": round(synth["stoi"], 4), "estoi": round(synth["estoi"], 4),
-                    "mel_l1": round(float(np.mean(test_l1)), 4), "n_utterances": synth["n_utterances"]},
-        "griffin_lim_of_real_mel": {"stoi": round(ceiling["stoi"], 4), "estoi": round(ceiling["estoi"], 4)},
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks", help="output folder (writes aux.json)")
@@ -213,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     report["data"].update(s1_train=len(train), s1_test=len(evals["s1_test"]), unseen=len(evals["unseen"]))
     report["mouth_opening"] = bench_mouth(train, evals, args.mouth_steps, args.causal_steps)
     if args.l2s_steps > 0:
-        report["lip2speech"] = bench_lip2speech(work / "grid", args.l2s_steps)
+        report["lip2speech"] = train_eval_lip2speech(work / "grid", args.l2s_steps)
+        report["lip2speech"]["s1_test"] = report["lip2speech"].pop("test")
         log.info("lip-to-speech s1 test: STOI %.3f, ESTOI %.3f", report["lip2speech"]["s1_test"]["stoi"],
                  report["lip2speech"]["s1_test"]["estoi"])
     report["machine"]["load_avg_end"] = os.getloadavg()

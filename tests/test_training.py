@@ -341,3 +341,26 @@ def test_init_from_copies_the_weights_that_fit_from_another_mode(tiny_checkpoint
     assert all(torch.equal(own[k], source[k]) for k in shared)
     assert own["encoder.fusion.0.weight"].shape != source["encoder.fusion.0.weight"].shape  # 1 stream vs 2: not copied
     assert trainer.step == 0 and not (tmp_path / "exp" / "last.pt").exists()
+
+
+def test_init_visual_from_copies_only_the_visual_frontend(tiny_checkpoint, grid_prepared, tmp_path):
+    """``train.init_visual_from``: an audio-visual model takes its visual frontend from a lip-reading
+    (here: audio-visual) checkpoint and nothing else; a source without one is a clear error."""
+    from avsr.training.loop import Trainer
+
+    from conftest import MICRO_AVSR
+
+    av = ("data.num_workers=0", *MICRO_AVSR, "model.mode=audiovisual", "model.mouth_opening_weight=0",
+          "model.lip2speech_weight=0")
+    fresh = Trainer(_cfg(grid_prepared, tmp_path / "exp", *av)).model.state_dict()
+    trainer = Trainer(_cfg(grid_prepared, tmp_path / "exp2", f"train.init_visual_from={tiny_checkpoint}", *av))
+    source = load_checkpoint(tiny_checkpoint)["model"]
+    own = trainer.model.state_dict()
+    visual = [k for k in own if k.startswith("encoder.visual_frontend.")]
+    assert visual and all(torch.equal(own[k], source[k]) for k in visual)
+    assert all(torch.equal(own[k], fresh[k]) for k in own if k.startswith("decoder."))  # same seed, not copied
+    audio_ckpt = tmp_path / "audio"
+    audio = Trainer(_cfg(grid_prepared, audio_ckpt, "data.num_workers=0", "train.max_steps=1",
+                         "train.save_step=1", "train.eval_step=100")).fit()
+    with pytest.raises(ValueError, match="tensors under 'encoder.visual_frontend.'"):
+        Trainer(_cfg(grid_prepared, tmp_path / "exp3", f"train.init_visual_from={audio}", *av))

@@ -145,7 +145,8 @@ class TrainConfig:
     keep_last: int = 5  # periodic checkpoints kept on disk
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     log_step: int = 20
-    init_from: str = ""  # initialise weights (not optimiser) from a checkpoint
+    init_from: str = ""  # initialise weights (not optimiser) from a checkpoint, where names and shapes fit
+    init_visual_from: str = ""  # then the visual frontend from this one (e.g. a lip-reading model, for AV)
     device: str = "auto"  # "auto" (GPU of this rank if any, else CPU), "cpu", "cuda", "cuda:N"
     find_unused_parameters: bool = False  # DDP option for models with parameters a mode leaves unused
 

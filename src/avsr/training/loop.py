@@ -60,6 +60,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam")
 
 
+VISUAL_FRONTEND = "encoder.visual_frontend."  # state-dict prefix of the visual frontend
+
+
 class NonFiniteLossError(RuntimeError):
     """Training stopped: the loss or gradient was not finite for ``train.max_nonfinite`` steps in a row."""
 
@@ -214,8 +217,11 @@ class Trainer:
             self.tokenizer = self._build_tokenizer([r.transcript for r in train_rows])
 
         model = make_model(cfg.model, self.tokenizer.vocab_size)
-        if tcfg.init_from and state is None:
-            self._init_weights(model, tcfg.init_from)
+        if state is None:
+            if tcfg.init_from:
+                self._init_weights(model, tcfg.init_from)
+            if tcfg.init_visual_from:
+                self._init_weights(model, tcfg.init_visual_from, prefix=VISUAL_FRONTEND)
         self.model = wrap_model(model, self.env, tcfg.find_unused_parameters)
         torch.manual_seed(cfg.seed + self.env.rank)  # same weights everywhere, different dropout per rank
         self.optimizer = build_optimizer(unwrap(self.model), tcfg)
@@ -259,11 +265,18 @@ class Trainer:
         data = build_tokenizer(self.cfg.text, transcripts).to_bytes() if self.env.is_main else None
         return from_bytes(broadcast_object(data, self.env))
 
-    def _init_weights(self, model: torch.nn.Module, path: str) -> None:
-        """Copy the weights of checkpoint ``path`` whose names and shapes match ``model``'s."""
+    def _init_weights(self, model: torch.nn.Module, path: str, prefix: str = "") -> None:
+        """Copy the weights of checkpoint ``path`` whose names (starting with ``prefix``) and shapes
+        match ``model``'s. With a ``prefix``, all of the model's tensors under it must fit, else
+        ``ValueError`` (a part copied only in places would be a silently different network)."""
         source = load_checkpoint(path)["model"]
         own = model.state_dict()
-        usable = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+        usable = {k: v for k, v in source.items()
+                  if k.startswith(prefix) and k in own and own[k].shape == v.shape}
+        wanted = [k for k in own if k.startswith(prefix)] if prefix else []
+        if prefix and (not wanted or len(usable) < len(wanted)):
+            raise ValueError(f"{path}: only {len(usable)} of the {len(wanted)} tensors under '{prefix}' of this "
+                             f"model (mode {self.cfg.model.mode}) fit; is it a model with the same {prefix[:-1]}?")
         model.load_state_dict(usable, strict=False)
         log.info("initialised %d of %d tensors from %s (%d in the checkpoint did not fit)",
                  len(usable), len(own), path, len(source) - len(usable))
