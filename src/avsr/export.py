@@ -222,8 +222,6 @@ def export_module(wrapper: ExportablePart, fmt: str, path: str | Path,
                 torch.onnx.export(onnx_friendly(wrapper), example, str(tmp), dynamo=False,
                                   opset_version=ONNX_OPSET, input_names=list(wrapper.input_names),
                                   output_names=list(outputs), dynamic_axes=axes)
-            except ModuleNotFoundError as exc:
-                raise ExportError(f"ONNX export needs the 'onnx' package ({exc})") from None
             except (torch.onnx.OnnxExporterError, RuntimeError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ExportError(f"ONNX export of {wrapper.part} failed: {first}") from None
