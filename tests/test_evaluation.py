@@ -118,6 +118,28 @@ def test_report_has_a_row_per_condition_and_a_column_per_system(tmp_path):
     assert image.ndim == 3 and image.shape[0] > 100 and "wer_vs_snr.png" in text
 
 
+def _aux_block(stoi=None):
+    aux = {"mouth_opening": {"pooled": {"pearson": 0.5, "mae": 0.0123, "r2": 0.2},
+                             "utterance_mean": {"pearson": 0.4, "mae": 0.011, "r2": None},
+                             "n_utterances": 3, "n_frames": 225, "sources": {}}}
+    if stoi is not None:
+        aux["lip2speech"] = {"stoi": stoi, "estoi": stoi / 2, "n_utterances": 3, "griffin_lim_iters": 32}
+    return aux
+
+
+def test_report_has_an_aux_table_only_for_systems_with_heads():
+    res = _results()
+    res["systems"]["audiovisual"]["conditions"]["clean"]["aux"] = _aux_block(stoi=0.6)
+    res["systems"]["audiovisual"]["conditions"]["occlusion"]["aux"] = _aux_block()
+    text = render_markdown(res)
+    table = text.split("## Auxiliary heads")[1].split("##")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| system | video | audio: babble SNR (dB) | mouth opening: Pearson r (pooled) |")
+    assert rows[1:] == ["| audiovisual | clean | clean | 0.500 | 0.400 | 0.0123 | 0.200 | 0.600 | 0.300 |",
+                        "| audiovisual | occlusion | clean | 0.500 | 0.400 | 0.0123 | 0.200 | – | – |"]
+    assert "Auxiliary heads" not in render_markdown(_results())  # no heads, no table
+
+
 def test_merging_keeps_systems_of_one_mode_apart():
     a, b = _results(("audio",)), _results(("audio",))
     b["systems"]["audio"]["checkpoint"] = "other.pt"
@@ -270,3 +292,62 @@ def test_train_lm_script_then_shallow_fusion_in_the_cli(grid_prepared, tiny_chec
     assert rc == 0
     decode = json.loads((out / "results.json").read_text())["systems"]["audiovisual_relscore"]["decode"]
     assert decode["lm_weight"] == 0.5 and decode["lm_path"] == str(lm_path)
+
+
+def _without_heads(checkpoint: Path, out: Path) -> Path:
+    """``checkpoint`` with its auxiliary heads removed (weights and config): recognition weights unchanged."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("aux_heads.")}
+    state["config"]["model"].update(mouth_opening_weight=0.0, lip2speech_weight=0.0)
+    torch.save(state, out)
+    return out
+
+
+def test_cli_scores_the_auxiliary_heads_and_leaves_models_without_them_as_before(grid_prepared, tiny_checkpoint,
+                                                                               protocol_file, tmp_path):
+    from avsr.evaluation.report import RESULT_KEYS
+    from avsr.training.checkpoint import load_model
+
+    plain = _without_heads(tiny_checkpoint, tmp_path / "noheads.pt")
+    assert len(load_model(plain)[0].aux_heads) == 0
+    out = tmp_path / "aux"
+    rc = _load_cli().main(["--checkpoint", str(tiny_checkpoint), str(plain), "--data", str(grid_prepared),
+                           "--protocol", str(protocol_file), "--conditions", "clean", "babble_snr0", "--out", str(out),
+                           "--gpu", "-1", "--decode.method=greedy", "--griffin-lim-iters", "4"])
+    assert rc == 0
+    systems = json.loads((out / "results.json").read_text())["systems"]
+    heads = systems[f"audiovisual_relscore ({tiny_checkpoint.stem})"]["conditions"]
+    none = systems["audiovisual_relscore (noheads)"]["conditions"]
+    for cond in ("clean", "babble_snr0"):
+        mouth = heads[cond]["aux"]["mouth_opening"]
+        assert mouth["n_utterances"] == 3 and 0 < mouth["n_frames"] <= 3 * 75
+        assert set(mouth["sources"]) == {"video", "audio"}
+        for part in (mouth["pooled"], mouth["utterance_mean"], *(v["pooled"] for v in mouth["sources"].values())):
+            assert -1.0 <= part["pearson"] <= 1.0 and 0.0 <= part["mae"] < 1.0 and part["r2"] <= 1.0
+        # a model without heads: the very metrics it had before the aux block existed
+        assert set(none[cond]) == {*RESULT_KEYS, "n_skipped"}
+        assert {k: none[cond][k] for k in ("wer", "cer", "n_words")} == {k: heads[cond][k] for k in ("wer", "cer", "n_words")}
+    speech = heads["clean"]["aux"]["lip2speech"]  # lip-to-speech only in --aux-conditions (default: clean)
+    assert "lip2speech" not in heads["babble_snr0"]["aux"]
+    assert speech["n_utterances"] == 3 and speech["griffin_lim_iters"] == 4
+    assert -1.0 <= speech["stoi"] <= 1.0 and -1.0 <= speech["estoi"] <= 1.0
+    report = (out / "report.md").read_text()
+    table = report.split("## Auxiliary heads")[1].split("\n## ")[0]
+    assert f"| audiovisual_relscore ({tiny_checkpoint.stem}) | clean | clean | " in table
+    assert "noheads" not in table and sum(line.startswith("| ") for line in table.splitlines()) == 1 + 2
+
+
+def test_aux_conditions_option_picks_where_lip_to_speech_is_scored():
+    cli = _load_cli()
+    protocol, conds = ["clean", "occlusion", "babble_snr0"], ["clean", "occlusion"]
+    assert cli.speech_conditions_of(["clean"], protocol, conds) == ["clean"]
+    assert cli.speech_conditions_of(["clean"], ["occlusion"], ["occlusion"]) == []  # default, no clean condition
+    assert cli.speech_conditions_of(["all"], protocol, conds) == conds
+    assert cli.speech_conditions_of(["none"], protocol, conds) == []
+    assert cli.speech_conditions_of(["babble_snr0"], protocol, conds) == []  # not evaluated
+    with pytest.raises(ValueError, match="unknown condition"):
+        cli.speech_conditions_of(["blur"], protocol, conds)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--merge", "r", "--out", "o", "--aux-conditions", "all", "clean"])

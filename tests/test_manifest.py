@@ -52,3 +52,12 @@ def test_atomic_path_keeps_old_content_on_failure(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new"
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Not mkstemp's 0600: other users of a shared cluster can read results and checkpoints."""
+    from avsr.utils import atomic_write_text
+
+    atomic_write_text(tmp_path / "r.json", "{}")
+    (tmp_path / "plain.json").write_text("{}")
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777

@@ -21,6 +21,10 @@ def real_data_dir() -> Path:
     return Path(os.environ.get(DATA_ENV, REPO_ROOT.parent / "shared" / "data" / "real")).resolve()
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once (umask can only be read by setting it)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
@@ -39,6 +43,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -28,11 +28,14 @@ folder itself (files beside the videos). Clips without one get mediapipe detecti
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from avsr.data.media import VIDEO_EXTENSIONS
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("grid", "lrs2", "lrs3", "videos")
 VOCAB = "ABCDEFGHIJKLMNOPQRSTUVWXYZ' "
@@ -130,6 +133,19 @@ def _read_tsv(path: Path) -> dict[str, str]:
     return out
 
 
+def _warn_orphans(root: Path, orphans: dict[str, str], shown: int = 10) -> None:
+    """One warning naming the transcripts (``id -> where``) that have no clip; they are ignored."""
+    if not orphans:
+        return
+    items = [f"{k} ({v})" for k, v in sorted(orphans.items())]
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    log.warning("%s: %d transcript(s) without a clip, ignored: %s%s", root, len(items), ", ".join(items[:shown]), more)
+
+
+def _tsv_stem(key: str) -> str:
+    return key[: -len(Path(key).suffix)] if Path(key).suffix.lower() in VIDEO_EXTENSIONS else key
+
+
 def grid_corpus(root: str | Path, split: str = "train", landmarks_dir: str | Path | None = None) -> list[Utterance]:
     root = Path(root)
     video_dir = root / "video"
@@ -148,6 +164,11 @@ def grid_corpus(root: str | Path, split: str = "train", landmarks_dir: str | Pat
         align = root / "align" / f"{stem}.align"
         text = align_transcript(align) if align.is_file() else tsv.get(media.name, tsv.get(stem))
         utts.append(Utterance(stem, split_of.get(stem, split), media, text, _find_landmarks(lm_dir, stem)))
+    have = {u.utt_id for u in utts}
+    orphans = {_tsv_stem(k): f"transcripts.tsv: {k}" for k in tsv if _tsv_stem(k) not in have}
+    if (root / "align").is_dir():
+        orphans.update({p.stem: f"align/{p.name}" for p in (root / "align").glob("*.align") if p.stem not in have})
+    _warn_orphans(root, orphans)
     return utts
 
 
@@ -176,6 +197,8 @@ def lrs_corpus(root: str | Path, kind: str, landmarks_dir: str | Path | None = N
             text = read_lrs_text(txt) if txt.is_file() else None
             utts.append(Utterance(_safe_id(rel), split, media, text,
                                   _find_landmarks(lm_dir, f"{subset}/{rel}")))
+        _warn_orphans(root, {txt.relative_to(root).with_suffix("").as_posix(): txt.relative_to(root).as_posix()
+                             for txt in sorted((root / subset).rglob("*.txt")) if not txt.with_suffix(".mp4").is_file()})
     return utts
 
 
@@ -186,12 +209,20 @@ def video_corpus(root: str | Path, split: str = "train", landmarks_dir: str | Pa
     lm_dir = Path(landmarks_dir) if landmarks_dir else root
     tsv = _read_tsv(root / "transcripts.tsv")
     utts = []
+    known: set[str] = set()
     for media in sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()):
         rel = media.relative_to(root).as_posix()
         stem = rel[: -len(media.suffix)]
         txt = media.with_suffix(".txt")
         text = read_lrs_text(txt) if txt.is_file() else tsv.get(rel, tsv.get(stem, tsv.get(media.stem)))
         utts.append(Utterance(_safe_id(stem), split, media, text, _find_landmarks(lm_dir, stem)))
+        known.update({rel, stem, media.stem})
+    orphans = {_tsv_stem(k): f"transcripts.tsv: {k}" for k in tsv if k not in known}
+    for txt in root.rglob("*.txt"):
+        stem = txt.relative_to(root).with_suffix("").as_posix()
+        if stem not in known:
+            orphans[stem] = txt.relative_to(root).as_posix()
+    _warn_orphans(root, orphans)
     return utts
 
 

@@ -14,6 +14,7 @@ batch; :func:`collate` returns ``None`` when nothing in a batch could be read.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -89,13 +90,17 @@ class AVDataset(torch.utils.data.Dataset):
         for row in rows:
             ids = encode(row.transcript)
             if not ids:
-                log.warning("skipping %s: transcript %r has no tokens", row.file(self.root, ".mp4"), row.transcript)
+                log.warning("skipping %s: transcript %r has no tokens", self._name(row), row.transcript)
                 continue
             self.rows.append(row)
             self.tokens.append(np.asarray(ids, dtype=np.int64))
         if not self.rows:
             raise ValueError(f"no usable clips under {self.root}")
         self._reported: set[str] = set()
+
+    def _name(self, row: ManifestRow) -> str:
+        """The clip's ``.mp4`` for messages (not ``row.file``, which raises for a path escaping the root)."""
+        return os.path.abspath(self.root / f"{row.path}.mp4")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -127,7 +132,7 @@ class AVDataset(torch.utils.data.Dataset):
         try:
             frames, wave, meta = self._load(row)
         except Exception as exc:  # noqa: BLE001 - media decoders raise many types; report and skip
-            name = str(row.file(self.root, ".mp4"))
+            name = self._name(row)
             if name not in self._reported:
                 self._reported.add(name)
                 log.warning("skipping bad clip %s: %s: %s", name, type(exc).__name__, exc)

@@ -38,7 +38,8 @@ class ManifestRow:
         root = Path(root).resolve()
         full = (root / (self.path + ext)).resolve()
         if not full.is_relative_to(root):
-            raise ManifestError(f"manifest path '{self.path}' of {self.utt_id} escapes the data root {root}")
+            raise ManifestError(f"manifest path '{self.path}' of {self.utt_id} escapes the data root {root} "
+                                f"('{self.path}{ext}' is {full})")
         return full
 
 

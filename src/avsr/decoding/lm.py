@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avsr.safe_load import unpickling_reason
 from avsr.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -207,6 +209,11 @@ def save_lm(path: str | Path, lm: TransformerLM, tokenizer_bytes: bytes, step: i
         torch.save(state, tmp)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_lm(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[TransformerLM, bytes]:
     """Read a checkpoint of :func:`save_lm`: ``(lm in eval mode, tokenizer bytes)``.
 
@@ -217,9 +224,14 @@ def load_lm(path: str | Path, map_location: str | torch.device = "cpu") -> tuple
         raise ValueError(f"LM checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: refused as a language-model checkpoint: {unpickling_reason(exc)}") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path}: not a language-model checkpoint ({_first_line(exc)})") from None
+    try:
         lm = TransformerLM(LMConfig(**state["lm_config"]))
         lm.load_state_dict(state["model"])
         tok = bytes(state["tokenizer"].cpu().numpy().tobytes())
-    except (RuntimeError, KeyError, TypeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path}: not a language-model checkpoint ({exc})") from None
+    except (RuntimeError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise ValueError(f"{path}: not a language-model checkpoint ({_first_line(exc)})") from None
     return lm.eval(), tok

@@ -12,6 +12,7 @@ from avsr.data.batch import Batch
 from avsr.decoding.beam_search import BeamSearch, Hypothesis
 from avsr.decoding.ctc import ctc_greedy_search
 from avsr.decoding.lm import TransformerLM, load_lm
+from avsr.models.avsr import EncoderOutput
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +53,22 @@ class Recognizer:
                 pre_beam_ratio=cfg.pre_beam_ratio)
 
     @torch.inference_mode()
-    def decode_tokens(self, batch: Batch) -> list[list[int]]:
-        """Best token ids per utterance of ``batch`` (moved to the model's device)."""
+    def decode_batch(self, batch: Batch) -> tuple[list[list[int]], EncoderOutput]:
+        """Best token ids per utterance of ``batch`` (moved to the model's device) and the encoder
+        output they were decoded from (inference tensors: use them under ``torch.inference_mode``),
+        e.g. for the auxiliary heads (:func:`avsr.models.heads.aux_predictions`)."""
         self.model.eval()
         batch = batch.to(self.device)
         encoded = self.model.encode(batch.video, batch.video_lengths, batch.audio, batch.audio_lengths)
         log_probs = self.model.ctc_head(encoded.enc)
         if self.search is None:
-            return ctc_greedy_search(log_probs, encoded.enc_lengths, self.tokenizer.blank_id)
+            return ctc_greedy_search(log_probs, encoded.enc_lengths, self.tokenizer.blank_id), encoded
         nbest: list[list[Hypothesis]] = self.search(encoded.enc, encoded.enc_lengths, log_probs)
-        return [list(h[0].tokens) if h else [] for h in nbest]
+        return [list(h[0].tokens) if h else [] for h in nbest], encoded
+
+    def decode_tokens(self, batch: Batch) -> list[list[int]]:
+        """Best token ids per utterance of ``batch`` (moved to the model's device)."""
+        return self.decode_batch(batch)[0]
 
     def __call__(self, batch: Batch) -> list[str]:
         """Transcripts of ``batch``, in its order."""

@@ -6,18 +6,37 @@
      "systems": {label: {"checkpoint": path, "mode": model mode, "decode": {...DecodeConfig...},
                          "conditions": {condition: {"wer", "cer", "substitutions", "deletions",
                                                     "insertions", "n_utterances", "n_words",
-                                                    "decode_seconds", "rtf", "n_skipped"}}}}}
+                                                    "decode_seconds", "rtf", "n_skipped",
+                                                    ["aux": {...}]}}}}}
 
 ``wer``/``cer`` are fractions (``report.md`` shows percent); ``rtf`` is decode seconds (model
-forward and search, not file I/O or corruption) over seconds of audio. A system is one
-checkpoint; its label is its model mode, or ``mode (checkpoint stem)`` when two share a mode.
+forward and search, not file I/O, corruption or auxiliary heads) over seconds of audio. A system
+is one checkpoint; its label is its model mode, or ``mode (checkpoint stem)`` when two share a mode.
+
+``aux`` (only for a model with auxiliary heads, :mod:`avsr.evaluation.runner`; each part only
+where computed)::
+
+    {"mouth_opening": {"pooled": {"pearson", "mae", "r2"}, "utterance_mean": {"pearson", "mae", "r2"},
+                       "n_utterances", "n_frames",
+                       "sources": {"video" | "audio": {"pooled": {...}, "utterance_mean": {...}}}},
+     "lip2speech": {"stoi", "estoi", "n_utterances", "griffin_lim_iters"}}
+
+``mouth_opening``: the predicted curve (mean of the model's per-modality heads; ``sources``: each
+head alone) against the landmark curve (inner-lip gap / mouth width, unitless) on face-detected
+frames at 25 fps; ``pooled`` over all frames of all utterances, ``utterance_mean`` the mean of the
+per-utterance values (:func:`avsr.evaluation.aux_metrics.curve_metrics`); MAE in curve units;
+``n_frames`` the scored frames. ``lip2speech``: mean STOI and ESTOI (about 0–1) of Griffin-Lim
+speech from the lip-to-speech head against the clean audio. A value that is undefined (a constant
+curve's Pearson r) is ``null``.
 
 ``hypotheses/<condition>.tsv``: a header, then one line per utterance and system:
 ``utt_id  system  errors  n_words  reference  hypothesis`` (``errors`` = S + D + I words after
 normalisation; texts as given, tabs and newlines replaced by spaces).
 
 ``report.md``: tables of WER and CER (rows: conditions with their visual corruption and babble
-SNR; columns: systems), decoding speed, and ``wer_vs_snr.png`` (matplotlib, Agg backend): WER
+SNR; columns: systems), the auxiliary heads' metrics when a system has them (rows: system and
+condition; columns: mouth-opening Pearson r pooled and per-utterance mean, MAE and R² pooled,
+lip-to-speech STOI and ESTOI), decoding speed, and ``wer_vs_snr.png`` (matplotlib, Agg backend): WER
 against babble SNR per system, one line per visual condition, the noise-free audio at "clean".
 """
 
@@ -119,6 +138,31 @@ def _table(results: dict, conditions: Sequence[str], key: str) -> list[str]:
     return lines
 
 
+def _num(x: Optional[float], digits: int = 3) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _aux_table(results: dict, conditions: Sequence[str]) -> list[str]:
+    """Rows of the "Auxiliary heads" table (empty when no system has an ``aux`` block)."""
+    lines = []
+    for system, res in results["systems"].items():
+        for cond in conditions:
+            aux = res["conditions"].get(cond, {}).get("aux")
+            if not aux:
+                continue
+            visual, snr = parse_condition(cond)
+            mouth, l2s = aux.get("mouth_opening", {}), aux.get("lip2speech", {})
+            pooled, per_utt = mouth.get("pooled", {}), mouth.get("utterance_mean", {})
+            cells = [_num(pooled.get("pearson")), _num(per_utt.get("pearson")), _num(pooled.get("mae"), 4),
+                     _num(pooled.get("r2")), _num(l2s.get("stoi")), _num(l2s.get("estoi"))]
+            lines.append(f"| {system} | {visual} | {'clean' if snr is None else f'{snr:g}'} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["| system | video | audio: babble SNR (dB) | mouth opening: Pearson r (pooled) | Pearson r "
+            "(utterance mean) | MAE | R² | lip-to-speech: STOI | ESTOI |",
+            "|---|---|---|" + "---:|" * 6, *lines]
+
+
 def render_markdown(results: dict, plot_name: Optional[str] = PLOT_NAME) -> str:
     """The text of ``report.md`` for ``results`` (the ``results.json`` structure)."""
     conditions = results["conditions"]
@@ -141,6 +185,13 @@ def render_markdown(results: dict, plot_name: Optional[str] = PLOT_NAME) -> str:
                                     f"{n_words[s]} words)" for s, v in results["systems"].items()) + ".", ""]
     out += ["## Word error rate (%)", "", *_table(results, conditions, "wer"), ""]
     out += ["## Character error rate (%)", "", *_table(results, conditions, "cer"), ""]
+    aux = _aux_table(results, conditions)
+    if aux:
+        out += ["## Auxiliary heads", "",
+                "Mouth opening: predicted curve (mean of the model's heads) against the landmark curve on "
+                "face-detected frames, Pearson r pooled over all frames and averaged over utterances, MAE and R² "
+                "pooled. Lip-to-speech: STOI and ESTOI of Griffin-Lim speech against the clean audio, only where "
+                "computed (`test.py --aux-conditions`). – = not computed or undefined.", "", *aux, ""]
     out += ["## Decoding speed", "", "| system | decode seconds (all conditions) | real-time factor (mean) |",
             "|---|---:|---:|"]
     for s, v in results["systems"].items():

@@ -34,13 +34,13 @@ from avsr.inference.alignment import AlignmentError, TimedToken, align_tokens, g
 from avsr.inference.inputs import PreparedInput, prepare_input
 from avsr.inference.result import TranscriptionResult
 from avsr.inference.windows import Window, plan_windows, stitch
+from avsr.models.heads import MOUTH_HEAD, SPEECH_HEAD, aux_predictions
 
 log = logging.getLogger(__name__)
 
 FPS = 25
 SAMPLES_PER_FRAME = 640
 DECODE_OVERRIDES = tuple(f.name for f in fields(DecodeConfig))
-MOUTH_HEAD, SPEECH_HEAD = "mouth", "l2s"  # names given by avsr.models.heads.attach_aux_heads
 
 
 class Recognizer:
@@ -222,16 +222,9 @@ class Recognizer:
         return reference_mel(mel, lengths)
 
     def _aux_outputs(self, encoded, reference: Optional[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Predictions of the auxiliary heads: ``mouth_opening_pred`` ``(N, Tw)``, ``mel`` ``(N, 4 Tw, 80)``."""
-        out = {}
-        if self.has_mouth_head:
-            out["mouth_opening_pred"] = self.model.aux_heads[MOUTH_HEAD].predict(encoded)
-        if reference is not None:
-            n = encoded.enc.shape[0]
-            ref_mel, ref_lengths = reference
-            out["mel"], _ = self.model.aux_heads[SPEECH_HEAD].predict(
-                encoded, ref_mel.expand(n, -1, -1), ref_lengths.expand(n))
-        return out
+        """Predictions of the auxiliary heads: ``mouth_opening_pred`` ``(N, Tw)``, ``mel`` ``(N, 4 Tw, 80)``
+        (:func:`avsr.models.heads.aux_predictions`)."""
+        return aux_predictions(self.model, encoded, reference if self.has_speech_head else None)
 
     def _speech(self, mel: np.ndarray) -> np.ndarray:
         """16 kHz waveform of a stitched ``(4 T, 80)`` log-mel (Griffin-Lim)."""

@@ -33,6 +33,7 @@ from avsr.models.frontends import AudioResNetFrontend, LogMelFrontend, VisualFro
 from avsr.models.heads import attach_aux_heads
 from avsr.models.losses import add_sos_eos, ctc_loss, label_smoothing_loss
 from avsr.models.reliability import ReliabilityScorer
+from avsr.safe_load import unpickling_reason
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +273,17 @@ def load_encoder(checkpoint: str | Path, part: str = "encoder", freeze: bool = T
         raise ValueError(f"part must be one of {', '.join(ENCODER_PARTS)}, got '{part}'")
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"cannot load an encoder from checkpoint {checkpoint}: {unpickling_reason(exc)}") from None
+    try:
         cfg = from_dict(ckpt["config"]).model
         prefix = "encoder."
         state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
         encoder = AVSREncoder(cfg)
         encoder.load_state_dict(state)
     except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise ValueError(f"cannot load an encoder from checkpoint {checkpoint}: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot load an encoder from checkpoint {checkpoint}: {first}") from None
     module = encoder if part == "encoder" else getattr(encoder, part)
     if module is None:
         raise ValueError(f"checkpoint {checkpoint} is a '{cfg.mode}' model without a {part}")

@@ -10,7 +10,8 @@
   CTC on the visual features.
 - :class:`MouthOpeningAux` and :class:`Lip2SpeechAux`: the two heads as auxiliary tasks of
   :class:`avsr.models.AVSRModel` (``register_aux_head``: ``head(batch, encoded) -> loss``);
-  :func:`attach_aux_heads` registers them from the model config.
+  :func:`attach_aux_heads` registers them from the model config and :func:`aux_predictions` runs
+  them on an encoding (inference and evaluation).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from avsr.models.masking import lengths_to_mask
 MOUTH_OPENING_OFFSET = 0.08
 MOUTH_OPENING_SCALE = 0.05
 REFERENCE_MEL_FRAMES = 100  # 1 s of ground-truth mel for the speaker embedding
+MOUTH_HEAD, SPEECH_HEAD = "mouth", "l2s"  # names of the heads in ``model.aux_heads`` (attach_aux_heads)
 
 
 def _check_positive(**kwargs: float) -> None:
@@ -411,10 +413,41 @@ def attach_aux_heads(model: nn.Module, cfg) -> None:
     visual features).
     """
     sources = tuple(s for s, used in (("video", cfg.mode != "audio"), ("audio", cfg.mode != "video")) if used)
-    if cfg.mouth_opening_weight > 0 and "mouth" not in model.aux_heads:
-        model.register_aux_head("mouth", MouthOpeningAux(cfg.frontend_dim, sources, dropout=cfg.dropout),
+    if cfg.mouth_opening_weight > 0 and MOUTH_HEAD not in model.aux_heads:
+        model.register_aux_head(MOUTH_HEAD, MouthOpeningAux(cfg.frontend_dim, sources, dropout=cfg.dropout),
                                 cfg.mouth_opening_weight)
-    if cfg.lip2speech_weight > 0 and "l2s" not in model.aux_heads:
+    if cfg.lip2speech_weight > 0 and SPEECH_HEAD not in model.aux_heads:
         if "video" not in sources:
             raise ValueError("model.lip2speech_weight > 0 needs video: mode 'audio' has no visual features")
-        model.register_aux_head("l2s", Lip2SpeechAux(cfg.frontend_dim, dropout=cfg.dropout), cfg.lip2speech_weight)
+        model.register_aux_head(SPEECH_HEAD, Lip2SpeechAux(cfg.frontend_dim, dropout=cfg.dropout),
+                                cfg.lip2speech_weight)
+
+
+def aux_predictions(model: nn.Module, encoded,
+                    reference: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """What the auxiliary heads of ``model`` predict from one encoding of ``N`` clips.
+
+    Args:
+        model: an :class:`avsr.models.AVSRModel` (heads in ``model.aux_heads``, as
+            :func:`attach_aux_heads` names them); call under ``torch.no_grad``/``inference_mode``.
+        encoded: its :class:`~avsr.models.EncoderOutput` (``T`` frames at 25 fps).
+        reference: speaker reference for lip-to-speech, ``(ref_mel (N or 1, F, 80), ref_lengths
+            (N or 1,))`` (:func:`reference_mel`; one row is shared by all clips), or None to skip
+            lip-to-speech.
+
+    Returns:
+        ``{"mouth_opening_pred": (N, T)}`` when the model has a ``"mouth"`` head (mean of its
+        per-modality curves, 0 past ``encoded.enc_lengths``) and ``{"mel": (N, 4T, 80)}`` log-mel
+        at 100 fps (valid for ``4 * enc_lengths`` frames) when it has an ``"l2s"`` head and
+        ``reference`` is given; empty for a model without heads.
+    """
+    out = {}
+    if MOUTH_HEAD in model.aux_heads:
+        out["mouth_opening_pred"] = model.aux_heads[MOUTH_HEAD].predict(encoded)
+    if reference is not None and SPEECH_HEAD in model.aux_heads:
+        n = encoded.enc.shape[0]
+        ref_mel, ref_lengths = reference
+        if ref_mel.shape[0] == 1 and n > 1:
+            ref_mel, ref_lengths = ref_mel.expand(n, -1, -1), ref_lengths.expand(n)
+        out["mel"], _ = model.aux_heads[SPEECH_HEAD].predict(encoded, ref_mel, ref_lengths)
+    return out

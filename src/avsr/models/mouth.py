@@ -26,6 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from avsr.audio_features import LOG_FLOOR_VALUE, MEL_PER_VIDEO_FRAME, N_MELS
 from avsr.models.masking import lengths_to_mask
+from avsr.safe_load import unpickling_reason
 
 MAX_LOOKAHEAD = 3
 
@@ -213,8 +214,11 @@ def load_mouth_model(path: str, map_location: str | torch.device = "cpu") -> Aud
     """
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path}: cannot read mouth-opening checkpoint: {exc}") from None
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: refused as a mouth-opening checkpoint: {unpickling_reason(exc)}") from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: cannot read mouth-opening checkpoint: {first}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ValueError(f"{path}: not a mouth-opening checkpoint (needs keys 'model' and 'model_args')")
     model = build_mouth_model(**ckpt["model_args"])

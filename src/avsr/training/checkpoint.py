@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from avsr.config import Config, from_dict
+from avsr.safe_load import unpickling_reason
 from avsr.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: not a safe avsr checkpoint (it is not a plain tensor/container file: {first})") from None
+        raise CheckpointError(f"{path}: refused as an avsr checkpoint: {unpickling_reason(exc)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({first})") from None

@@ -67,6 +67,25 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped: the loss or gradient was not finite for ``train.max_nonfinite`` steps in a row."""
 
 
+class DataLoaderWorkerError(RuntimeError):
+    """A DataLoader worker process died (killed by the OS, or crashed in native code)."""
+
+
+def guard_workers(loader, what: str):
+    """Iterate ``loader``; torch's terse "DataLoader worker ... exited unexpectedly" becomes a
+    :class:`DataLoaderWorkerError` that says which data it was and what to do."""
+    try:
+        yield from loader
+    except RuntimeError as exc:
+        if isinstance(exc, DataLoaderWorkerError) or "DataLoader worker" not in str(exc):
+            raise
+        first = str(exc).strip().splitlines()[0]
+        raise DataLoaderWorkerError(
+            f"a DataLoader worker process died while loading the {what} data ({first}): most likely the OS killed "
+            "it for memory (lower data.num_workers or data.max_frames) or a media decoder crashed; rerun with "
+            "data.num_workers=0 to see the failing clip's error in this process") from None
+
+
 def resolve_precision(spec: str, device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype of ``spec`` on ``device`` (``None`` = fp32, no autocast).
 
@@ -436,7 +455,8 @@ class Trainer:
     def _validate(self) -> Optional[ValResult]:
         if self.val_loader is None:
             return None
-        val = validate(unwrap(self.model), self.val_loader, self.tokenizer, self.env, self.amp_dtype)
+        val = validate(unwrap(self.model), guard_workers(self.val_loader, "validation"), self.tokenizer, self.env,
+                       self.amp_dtype)
         self._last_eval = self.step
         log.info("step %d validation: loss %.4f, WER %.2f%% (%d utterances)", self.step, val.loss, 100 * val.wer, val.utterances)
         self.monitor.scalars("val", {"loss": val.loss, "wer": val.wer}, self.step)
@@ -476,7 +496,7 @@ class Trainer:
         meter = _Meter()
         micro_in_group, loss_finite = 0, True
         last = None  # (batch, output) of the latest micro-batch, for the tensorboard images
-        for batch in self.loader:
+        for batch in guard_workers(self.loader, "training"):
             end_of_group = (done + 1) % tcfg.accum_grad == 0 or done + 1 == n_batches
             synced = False
             if self._all_have(batch):
