@@ -4,7 +4,22 @@
 Writes ``<out>/results.json`` (WER, CER, S/D/I, utterances, words, decode seconds and real-time
 factor per system and condition), ``<out>/hypotheses/<condition>.tsv``, ``<out>/report.md`` (rows:
 conditions and babble SNRs; columns: systems, i.e. model modes) and ``<out>/wer_vs_snr.png``;
-formats in ``avsr.evaluation.report``. Examples::
+formats in ``avsr.evaluation.report``.
+
+Auxiliary heads, for a checkpoint whose model has them (``avsr.models.heads``), are scored beside
+WER in an ``aux`` block of its metrics and an "Auxiliary heads" table of the report:
+
+- mouth opening (head ``"mouth"``): Pearson r, MAE (curve units: inner-lip gap / mouth width) and
+  R², pooled over all frames and as the mean over utterances, against the landmark curve on the
+  frames with a detected face, in every condition (cheap: one small head on the encoder pass the
+  decoding already made);
+- lip-to-speech (head ``"l2s"``): STOI and ESTOI of the synthesised speech (Griffin-Lim,
+  ``--griffin-lim-iters`` iterations, default 32) against the clean audio, the speaker reference
+  being the clean audio's first second. Griffin-Lim and STOI cost about as much as decoding a clip,
+  and the head sees only the video, so that babble conditions repeat their visual condition's
+  score: it runs only in ``--aux-conditions`` (default ``clean``; ``all`` or ``none`` also work).
+
+Models without heads give exactly the results they gave before (no ``aux`` block). Examples::
 
     python test.py --checkpoint checkpoints/av/best.pt --data data/grid \\
         --protocol configs/protocol/grid_s1_test.json --out results/av
@@ -48,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--batch_size", type=int, default=None, help="utterances per batch (decode.batch_size)")
     p.add_argument("--gpu", default=None,
                    help="CUDA device index, or -1 for the CPU (default: GPU 0 when CUDA is available)")
+    p.add_argument("--aux-conditions", nargs="+", default=["clean"], metavar="CONDITION",
+                   help="conditions where a lip-to-speech head's speech is synthesised (Griffin-Lim) and scored "
+                        "with STOI/ESTOI: protocol condition names, 'all' or 'none' (default: clean)")
+    p.add_argument("--griffin-lim-iters", type=int, default=32,
+                   help="Griffin-Lim iterations per synthesised clip (default: 32)")
     p.add_argument("--merge", nargs="+", default=[], help="result folders of earlier runs to merge into this report")
     p.add_argument("--out", required=True, help="output folder, e.g. results/<exp>")
     args, rest = p.parse_known_args(argv)
@@ -75,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         p.error("--checkpoint needs --data and --protocol")
     if not args.checkpoint and not args.merge:
         p.error("give --checkpoint(s) to evaluate and/or --merge result folders")
+    if args.griffin_lim_iters < 1:
+        p.error(f"--griffin-lim-iters must be >= 1, got {args.griffin_lim_iters}")
+    if len(args.aux_conditions) > 1 and {"all", "none"} & set(args.aux_conditions):
+        p.error("--aux-conditions: 'all' and 'none' stand alone")
     return args, overrides
 
 
@@ -101,6 +125,21 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+def speech_conditions_of(aux_conditions: list[str], protocol_conditions: list[str],
+                         conditions: list[str]) -> list[str]:
+    """The evaluated conditions where lip-to-speech is scored, from ``--aux-conditions``
+    (names, ``all`` or ``none``); ValueError for a name the protocol does not have."""
+    if aux_conditions == ["none"]:
+        return []
+    if aux_conditions == ["all"]:
+        return list(conditions)
+    unknown = [c for c in aux_conditions if c not in protocol_conditions]
+    if unknown and aux_conditions != ["clean"]:  # the default is skipped quietly by a protocol without it
+        raise ValueError(f"--aux-conditions: unknown condition(s) {', '.join(unknown)} "
+                         f"(have: {', '.join(protocol_conditions)})")
+    return [c for c in conditions if c in aux_conditions]
+
+
 def evaluate(args: argparse.Namespace, overrides: list[str]) -> tuple[dict, dict[str, list[HypothesisRow]]]:
     """Decode every checkpoint; the results structure and the hypothesis rows per condition."""
     from avsr.corruption import OccluderBank, WaveBank, load_protocol
@@ -115,6 +154,7 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> tuple[dict, dict
     protocol.check_bank(bank)
     babble = WaveBank.from_manifest(args.data, protocol.babble_split)
     conditions = args.conditions or protocol.conditions
+    speech_conditions = speech_conditions_of(args.aux_conditions, protocol.conditions, conditions)
     loaded = []
     for path in args.checkpoint:
         model, tokenizer, cfg = load_model(path, device)
@@ -137,7 +177,7 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> tuple[dict, dict
                  len(conditions), device)
         recognizer = Recognizer(model, tokenizer, cfg.decode)
         out = evaluate_conditions(recognizer, args.data, rows, protocol, conditions, bank, babble, cfg.data,
-                                  label, cfg.decode.batch_size)
+                                  label, cfg.decode.batch_size, speech_conditions, args.griffin_lim_iters)
         results["systems"][label] = {"checkpoint": str(path), "mode": cfg.model.mode, "decode": asdict(cfg.decode),
                                      "conditions": {c: r.metrics for c, r in out.items()}}
         for c, r in out.items():
