@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from avsr.config import load_config
     from avsr.training.distributed import cleanup_distributed, init_distributed
-    from avsr.training.loop import NonFiniteLossError, Trainer
+    from avsr.training.loop import DataLoaderWorkerError, NonFiniteLossError, Trainer
     from avsr.utils import set_num_threads, setup_logging
 
     setup_logging()
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:
             log.info("done: %s", last)
         return 0
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as exc:
+    except (ValueError, FileNotFoundError, NonFiniteLossError, DataLoaderWorkerError) as exc:
         log.error("%s", exc)
         return 1
     finally:
