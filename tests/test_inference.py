@@ -21,6 +21,7 @@ from avsr.inference.result import SCHEMA_PATH, TranscriptionResult, results_docu
 from avsr.inference.visualize import write_overlay
 from avsr.inference.windows import plan_windows, stitch
 from avsr.text import CharTokenizer
+from media_utils import write_av
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,22 +256,6 @@ def grid_clip(grid_dir) -> Path:
     return grid_dir / "video" / name
 
 
-def _write_av(path: Path, frames: np.ndarray, wave: np.ndarray | None, fps: int = 25) -> None:
-    """(T, H, W, 3) uint8 RGB frames (+ optional 16 kHz mono audio) as an H.264/AAC mp4 with PyAV."""
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        aus = c.add_stream("aac", rate=16000, layout="mono") if wave is not None else None
-        for f in frames:
-            c.mux(vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        c.mux(vs.encode(None))
-        if aus is not None:
-            af = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="flt", layout="mono")
-            af.sample_rate = 16000
-            c.mux(aus.encode(af))
-            c.mux(aus.encode(None))
-
-
 def test_transcribe_cli_end_to_end(tiny_checkpoint, grid_clip, tmp_path, schema):
     from avsr.data.media import read_video
 
@@ -332,9 +317,9 @@ def test_no_face_several_faces_and_not_a_video_fail_clearly(grid_clip, tmp_path)
     frames, _ = read_video(grid_clip, fps=25.0)
     wave = read_audio(grid_clip)
     no_face = tmp_path / "no_face.mp4"  # the real clip with the face blurred away
-    _write_av(no_face, np.stack([cv2.GaussianBlur(f, (0, 0), 25) for f in frames]), wave)
+    write_av(no_face, np.stack([cv2.GaussianBlur(f, (0, 0), 25) for f in frames]), wave)
     two_faces = tmp_path / "two_faces.mp4"  # the real clip beside its mirror image
-    _write_av(two_faces, np.concatenate([frames, frames[:, :, ::-1]], axis=2), wave)
+    write_av(two_faces, np.concatenate([frames, frames[:, :, ::-1]], axis=2), wave)
     not_video = tmp_path / "notes.mp4"
     not_video.write_text("this is not a video\n")
     ckpt = _random_checkpoint(tmp_path / "video.pt", "video")
@@ -358,7 +343,7 @@ def test_audio_only_and_video_only_inputs_in_matching_modes(grid_clip, tmp_path)
     wav = tmp_path / "speech.wav"
     write_wav(wav, read_audio(grid_clip))
     silent = tmp_path / "silent.mp4"
-    _write_av(silent, read_video(grid_clip, fps=25.0)[0], None)
+    write_av(silent, read_video(grid_clip, fps=25.0)[0], None)
 
     audio_rec = Recognizer.from_checkpoint(_random_checkpoint(tmp_path / "a.pt", "audio"), beam_size=1)
     res = audio_rec.transcribe(wav)

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile as sf
@@ -32,6 +31,7 @@ from avsr.data.manifest import read_manifest
 from avsr.data.media import (MediaError, fit_length, iter_video, load_clip, read_audio, read_gray_video,
                              read_video, write_gray_video, write_wav)
 from avsr.data.preprocess import failures_path, preprocess, shard
+from media_utils import write_av
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT_MOUTH = [61, 40, 37, 0, 267, 270, 291, 321, 314, 17, 84, 91, 78, 81, 13, 311, 308, 402, 14, 178]
@@ -47,23 +47,6 @@ def _cli():
 def _transcripts(grid_dir: Path) -> dict[str, str]:
     lines = (grid_dir / "transcripts.tsv").read_text().splitlines()
     return {k[: -len(".mpg")]: v for k, v in (line.split("\t") for line in lines)}
-
-
-def _write_av(path: Path, frames: np.ndarray, fps: float, wave: np.ndarray | None, faststart: bool = False) -> None:
-    """(T, H, W, 3) RGB frames (+ 16 kHz mono audio) as an H.264/AAC mp4 or mkv with PyAV."""
-    opts = {"movflags": "+faststart"} if faststart else {}
-    with av.open(str(path), "w", options=opts) as c:
-        vs = c.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "12"})
-        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        aus = c.add_stream("aac", rate=16000, layout="mono") if wave is not None else None
-        for f in frames:
-            c.mux(vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
-        c.mux(vs.encode(None))
-        if aus is not None:
-            af = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="flt", layout="mono")
-            af.sample_rate = 16000
-            c.mux(aus.encode(af))
-            c.mux(aus.encode(None))
 
 
 def _sha(path: Path) -> str:
@@ -228,13 +211,13 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path, grid_dir):
     corpus = tmp_path / "videos"
     corpus.mkdir()
     (corpus / "good.mpg").symlink_to(src)
-    _write_av(corpus / "truncated.mp4", rgb, 25, wave, faststart=True)
+    write_av(corpus / "truncated.mp4", rgb, wave, 25, faststart=True)
     data = (corpus / "truncated.mp4").read_bytes()
     (corpus / "truncated.mp4").write_bytes(data[: len(data) // 2])  # a download cut in half
-    _write_av(corpus / "cut_no_index.mp4", rgb[:10], 25, wave[:6400])
+    write_av(corpus / "cut_no_index.mp4", rgb[:10], wave[:6400], 25)
     (corpus / "cut_no_index.mp4").write_bytes((corpus / "cut_no_index.mp4").read_bytes()[:3000])  # no moov atom
-    _write_av(corpus / "silent.mp4", rgb, 25, None)  # no audio stream
-    _write_av(corpus / "noface.mp4", np.full_like(rgb, 128), 25, wave)  # grey: no face anywhere
+    write_av(corpus / "silent.mp4", rgb, None, 25)  # no audio stream
+    write_av(corpus / "noface.mp4", np.full_like(rgb, 128), wave, 25)  # grey: no face anywhere
     (corpus / "garbage.avi").write_bytes(os.urandom(5000))
     (corpus / "symbols.mpg").symlink_to(src)
     (corpus / "empty.mkv").write_bytes(b"")
@@ -348,7 +331,7 @@ def test_other_frame_rates_and_sizes_are_resampled_to_25fps(tmp_path, grid_dir):
     frames30 = read_video(src, fps=30.0)[0][:, ::2, ::2][:, :, 10:170]  # 90 frames, 144x160, 30 fps
     corpus = tmp_path / "any"
     corpus.mkdir()
-    _write_av(corpus / "clip.mkv", frames30, 30, read_audio(src))
+    write_av(corpus / "clip.mkv", frames30, read_audio(src), 30)
     (corpus / "clip.txt").write_text("bin blue at l six now\n")
     out = tmp_path / "out"
     summary = preprocess(discover("videos", corpus), out, PreprocessConfig(), progress=False)
@@ -375,7 +358,7 @@ def _lrs2_fixture(tmp_path: Path, grid_dir: Path) -> tuple[Path, dict[str, str]]
             src = grid_dir / "video" / f"{gid}.mpg"
             rgb = read_video(src, fps=25.0)[0]
             mp4 = root / "main" / f"{rel}.mp4"
-            _write_av(mp4, rgb, 25, read_audio(src))
+            write_av(mp4, rgb, read_audio(src), 25)
             words = " ".join(f"{w.upper()} {s / 25:.2f} {e / 25:.2f} 1.0" for s, e, w in
                              read_align(grid_dir / "align" / f"{gid}.align") if w not in ("sil", "sp"))
             mp4.with_suffix(".txt").write_text(f"Text:  {truth[gid]}\nConf:  4\n\nWORD START END ASDSCORE\n"

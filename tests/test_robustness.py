@@ -17,10 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
+
+from media_utils import write_av
 
 from avsr.config import PreprocessConfig, load_config, to_dict
 from avsr.data.corpora import discover
@@ -255,25 +256,6 @@ def test_training_skips_missing_and_garbled_clips_naming_them(grid_prepared, tmp
 
 
 # ----------------------------------------------------------------------------- preprocessing of damaged clips
-def _write_av(path: Path, frames: np.ndarray | None, wave: np.ndarray | None) -> None:
-    """(T, H, W, 3) RGB frames at 25 fps and/or 16 kHz mono audio as an H.264/AAC mp4."""
-    with av.open(str(path), "w") as c:
-        vs = None
-        if frames is not None:
-            vs = c.add_stream("libx264", rate=25, options={"preset": "ultrafast", "crf": "12"})
-            vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        aus = c.add_stream("aac", rate=16000, layout="mono") if wave is not None else None
-        if vs is not None:
-            for f in frames:
-                c.mux(vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
-            c.mux(vs.encode(None))
-        if aus is not None:
-            af = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="flt", layout="mono")
-            af.sample_rate = 16000
-            c.mux(aus.encode(af))
-            c.mux(aus.encode(None))
-
-
 def _reasons(out: Path) -> dict[str, str]:
     lines = failures_path(out).read_text(encoding="utf-8").splitlines()[1:]
     return {line.split("\t")[0]: line.split("\t")[3] for line in lines}
@@ -289,7 +271,7 @@ def test_face_leaving_the_frame_longer_than_max_gap_is_reported(tmp_path, grid_d
     for name, span in (("lost", slice(30, 55)), ("brief", slice(30, 35))):
         frames = rgb.copy()
         frames[span] = 0
-        _write_av(corpus / f"{name}.mp4", frames, wave)
+        write_av(corpus / f"{name}.mp4", frames, wave)
         (corpus / f"{name}.txt").write_text("bin blue at f two now\n")
     out = tmp_path / "out"
     summary = preprocess(discover("videos", corpus), out, PreprocessConfig(), progress=False)
@@ -317,7 +299,7 @@ def test_audio_length_mismatch_audio_only_and_bad_transcripts(tmp_path, grid_dir
              "long_audio": (rgb, np.tile(wave, 2), "bin blue"), "audio_only": (None, wave, "bin blue"),
              "empty_text": (rgb, wave, "  \n"), "non_ascii": (rgb, wave, "bin blüe")}
     for name, (frames, audio, text) in clips.items():
-        _write_av(corpus / f"{name}.mp4", frames, audio)
+        write_av(corpus / f"{name}.mp4", frames, audio)
         (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
     out = tmp_path / "out"
     summary = preprocess(discover("videos", corpus), out, PreprocessConfig(), progress=False)

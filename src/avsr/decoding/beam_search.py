@@ -189,7 +189,6 @@ class BeamSearch:
         utt = torch.arange(B, device=device)  # original index of each utterance still decoding
         results: list[list[Hypothesis]] = [[] for _ in range(B)]
         bonus = max(self.length_penalty, 0.0)
-        vocab = torch.arange(V, device=device)
 
         for i in range(longest + 1):
             nb, kc = score.shape
