@@ -117,14 +117,17 @@ def preprocess_stage(args: argparse.Namespace, work: Path) -> dict:
             by_split.setdefault(u.split, []).append(u)
         utts = by_split.get("train", [])[: args.train_clips] + by_split.get("test", [])[: args.test_clips]
     s1 = preprocess(utts, work / "grid", PreprocessConfig(), workers=args.workers, progress=True)
-    out = {"s1": {"kept": s1.kept + s1.resumed, "failed": [f"{u.utt_id}: {why}" for u, why in s1.failures]}}
+    out = {"s1": {"kept": s1.kept + s1.resumed, "failed": [f"{u.utt_id}: {why}" for u, why in s1.failures],
+                  "frames_per_s": round(s1.frames / s1.seconds, 1) if s1.kept and s1.seconds > 0 else None}}
     if args.unseen_dir is not None:
         unseen = [u for u in discover("grid", args.unseen_dir, split="unseen") if u.utt_id != S1_IN_LIPNET]
         s_u = preprocess(unseen, work / "unseen", PreprocessConfig(), workers=1, progress=False)
         out["unseen"] = {"kept": s_u.kept + s_u.resumed, "excluded": [S1_IN_LIPNET],
-                         "failed": [f"{u.utt_id}: {why}" for u, why in s_u.failures]}
+                         "failed": [f"{u.utt_id}: {why}" for u, why in s_u.failures],
+                         "frames_per_s": round(s_u.frames / s_u.seconds, 1) if s_u.kept and s_u.seconds > 0 else None}
     for name, part in out.items():
-        log.info("preprocessed %s: %d clips kept, %d failed%s", name, part["kept"], len(part["failed"]),
+        rate = f", {part['frames_per_s']:.0f} frames/s" if part.get("frames_per_s") else " (cached)"
+        log.info("preprocessed %s: %d clips kept, %d failed%s%s", name, part["kept"], len(part["failed"]), rate,
                  "".join(f"\n  {f}" for f in part["failed"]))
     return out
 

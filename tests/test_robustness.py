@@ -393,3 +393,52 @@ def test_symlink_out_of_the_data_root_is_refused_and_skipped(grid_prepared, tmp_
         assert ds[index["bbaf5a"]] is not None
     msg, = [r.getMessage() for r in caplog.records]
     assert "skipping bad clip" in msg and str(target) in msg and "escapes the data root" in msg
+
+
+def test_variable_frame_rate_video_is_resampled_to_25fps(tmp_path, grid_dir):
+    """A VFR file (the same 3 s of real GRID video, frames at irregular times: runs at 50 fps and
+    dropped frames, the last one shown at 2.96 s) gives 25 fps crops for its duration (74-75
+    frames) and exactly 640 audio samples per frame."""
+    import av
+    from fractions import Fraction
+
+    src = grid_dir / "video" / "bbaf2n.mpg"
+    rgb, _ = read_video(src, fps=25.0)
+    wave = read_audio(src)
+    times = []  # presentation times (s): frame i of the source shown at 40 ms * i, with jitter
+    for i in range(len(rgb)):
+        if i % 7 == 3:
+            continue  # dropped
+        times.append(0.04 * i)
+        if i % 5 == 0:
+            times.append(0.04 * i + 0.02)  # a doubled frame 20 ms later
+    corpus = tmp_path / "videos"
+    corpus.mkdir()
+    path = corpus / "vfr.mkv"
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=50, options={"preset": "ultrafast", "crf": "12"})
+        vs.width, vs.height, vs.pix_fmt = rgb.shape[2], rgb.shape[1], "yuv420p"
+        vs.time_base = Fraction(1, 1000)
+        aus = c.add_stream("aac", rate=16000, layout="mono")
+        for t in times:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[min(int(round(t / 0.04 - 0.25)), len(rgb) - 1)]),
+                                               format="rgb24")
+            frame.pts, frame.time_base = int(round(t * 1000)), Fraction(1, 1000)
+            c.mux(vs.encode(frame))
+        c.mux(vs.encode(None))
+        af = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="flt", layout="mono")
+        af.sample_rate = 16000
+        c.mux(aus.encode(af))
+        c.mux(aus.encode(None))
+    with av.open(str(path)) as c:
+        pts = [f.pts for f in c.decode(video=0)]
+    gaps = np.diff(pts)
+    assert gaps.min() < gaps.max() / 2, "the test file is not variable-rate"
+    (corpus / "vfr.txt").write_text("bin blue at f two now\n")
+    out = tmp_path / "out"
+    summary = preprocess(discover("videos", corpus), out, PreprocessConfig(), progress=False)
+    assert summary.kept == 1, summary.failures
+    row, = read_manifest(out, "train")
+    frames, audio, meta = load_clip(out, row)
+    assert len(frames) in (74, 75) and frames.shape[1:] == (96, 96) and len(audio) == 640 * len(frames)
+    assert meta["face_detected"].mean() > 0.9
