@@ -364,3 +364,24 @@ def test_init_visual_from_copies_only_the_visual_frontend(tiny_checkpoint, grid_
                          "train.save_step=1", "train.eval_step=100")).fit()
     with pytest.raises(ValueError, match="tensors under 'encoder.visual_frontend.'"):
         Trainer(_cfg(grid_prepared, tmp_path / "exp3", f"train.init_visual_from={audio}", *av))
+
+
+def test_gradient_accumulation_steps_once_per_group_and_bf16_trains_on_cpu(grid_prepared, tmp_path):
+    """accum_grad=2 over 6 one-clip batches: 3 optimiser steps per epoch (the scheduler follows);
+    bf16 autocast trains on the CPU with finite losses; fp16 on the CPU is a clear error."""
+    from avsr.training.loop import Trainer, param_digest
+
+    common = ("data.num_workers=0", "data.max_clips=1", "train.epochs=1", "train.eval_step=100",
+              "train.save_step=100", "train.warmup_steps=1")
+    trainer = Trainer(_cfg(grid_prepared, tmp_path / "accum", *common, "train.accum_grad=2"))
+    assert trainer.sampler.batches_per_epoch(0) == 6 and trainer.total_steps == 3
+    before = param_digest(trainer.model)
+    trainer.fit()
+    assert trainer.step == 3 and trainer.scheduler.last_epoch == 3 and param_digest(trainer.model) != before
+
+    bf16 = Trainer(_cfg(grid_prepared, tmp_path / "bf16", *common, "train.precision=bf16", "train.max_steps=2"))
+    assert bf16.amp_dtype == torch.bfloat16
+    bf16.fit()
+    assert bf16.step == 2 and bf16.nonfinite == 0
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        Trainer(_cfg(grid_prepared, tmp_path / "fp16", *common, "train.precision=fp16"))
