@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Long-run memory health: resident memory over ~1000 tiny training steps -> ``<out>/memory.json``.
+"""Long-run memory health: resident memory over ~2500 tiny training steps -> ``<out>/memory.json``.
 
 A small ``audiovisual_relscore`` model (both frontends, reliability scorers, Conformer, decoder)
 with train-time visual corruption and babble is trained with :class:`avsr.training.loop.Trainer`
@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "benchmarks"))
     p.add_argument("--work", default=str(REPO / "runs" / "bench_memory"), help="cache of the preprocessed clips")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--clips", type=int, default=16, help="GRID s1 train clips")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "train.init_visual_from=''", "data.val_holdout=4", "data.max_frames=300", "data.num_workers=2",
         f"train.max_steps={args.steps}", "train.epochs=100000", f"train.eval_step={max(args.steps // 4, 1)}",
         f"train.save_step={max(args.steps // 2, 1)}", "train.log_step=100", "train.warmup_steps=50"])
+    shutil.rmtree(work / "exp", ignore_errors=True)  # a fresh run every time
     trainer = Trainer(cfg)
     samples: list[tuple[int, float]] = []
     stop = threading.Event()
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb": {"start": round(float(rss[0]), 1), "peak": round(float(rss.max()), 1),
                    "end": round(float(rss[-1]), 1)},
         "slope_mb_per_1000_steps_second_half": None if slope is None else round(slope, 2),
+        # allocator growth comes in steps (arena fragmentation), a leak as a ramp: compare windows too
+        "rss_median_mb_by_tenth": [round(float(np.median(rss[(steps >= lo) & (steps <= lo + steps.max() / 10)])), 1)
+                                   for lo in np.linspace(0, steps.max() * 0.9, 10)],
         "target_abs_slope_mb_per_1000_steps": TARGET_MB_PER_1000,
         "meets_target": slope is not None and abs(slope) < TARGET_MB_PER_1000,
         "trace": [[int(s), round(float(r), 1)] for s, r in samples[:: max(len(samples) // 100, 1)]],
