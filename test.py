@@ -37,14 +37,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
+# Idle OpenMP threads sleep instead of spinning (must be set before torch is imported; see train.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from avsr.config import Config, ConfigError, load_config
-from avsr.evaluation.report import HypothesisRow, merge_results, read_hypotheses, system_labels, write_report
+import torch  # noqa: E402
+
+from avsr.config import Config, ConfigError, load_config  # noqa: E402
+from avsr.evaluation.report import HypothesisRow, merge_results, read_hypotheses, system_labels, write_report  # noqa: E402
 
 log = logging.getLogger("test")
 
@@ -201,10 +205,11 @@ def load_results(folder: str | Path) -> tuple[dict, dict[str, list[HypothesisRow
 
 
 def main(argv: list[str] | None = None) -> int:
-    from avsr.utils import setup_logging
+    from avsr.utils import set_num_threads, setup_logging
 
     args, overrides = parse_args(argv)
     setup_logging()
+    set_num_threads()
     try:
         parts = [evaluate(args, overrides)] if args.checkpoint else []
         parts += [load_results(d) for d in args.merge]

@@ -164,6 +164,8 @@ class DecodeConfig:
     lm_path: str = ""  # Transformer LM of scripts/train_lm.py, for shallow fusion
     lm_weight: float = 0.0  # 0 disables the LM
     batch_size: int = 8  # utterances decoded together
+    search_threads: int = 1  # CPU threads of the beam search's step loop (the encoder keeps the process's):
+                             # on 2 cores one thread was 2x faster per step than two (13.5 vs 26.9 ms, beam 10)
 
 
 @dataclass

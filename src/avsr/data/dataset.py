@@ -7,8 +7,9 @@ seeded with ``(seed, epoch, index)`` — the key :class:`~avsr.data.sampler.Fram
 yields — so the same sample gets the same augmentation whichever worker loads it, and a resumed
 run sees exactly the data an uninterrupted one would.
 
-A clip that cannot be read is reported once (one log line naming the file) and dropped from its
-batch; :func:`collate` returns ``None`` when nothing in a batch could be read.
+A clip that cannot be read, corrupted or transformed is reported once (one log line naming the
+file and the stage that failed) and dropped from its batch, in a DataLoader worker as in the main
+process; :func:`collate` returns ``None`` when nothing in a batch could be read.
 """
 
 from __future__ import annotations
@@ -129,21 +130,24 @@ class AVDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Optional[Sample]:
         index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
         row = self.rows[index]
+        stage = "reading"
         try:
             frames, wave, meta = self._load(row)
-        except Exception as exc:  # noqa: BLE001 - media decoders raise many types; report and skip
+            stage = "corrupting"
+            rng = np.random.default_rng([self.seed, epoch, index])
+            landmarks = meta["landmarks"]
+            if self.visual_corrupt is not None:
+                frames = self.visual_corrupt(frames, landmarks, rng)
+            if self.audio_corrupt is not None:
+                wave = self.audio_corrupt(wave, rng, exclude=(row.utt_id,))
+            stage = "transforming"
+            clip = self.transform(Clip(video=frames, landmarks=landmarks, audio=wave), rng)
+        except Exception as exc:  # noqa: BLE001 - decoders and corruptors raise many types; report and skip
             name = self._name(row)
             if name not in self._reported:
                 self._reported.add(name)
-                log.warning("skipping bad clip %s: %s: %s", name, type(exc).__name__, exc)
+                log.warning("skipping bad clip %s (failed while %s): %s: %s", name, stage, type(exc).__name__, exc)
             return None
-        rng = np.random.default_rng([self.seed, epoch, index])
-        landmarks = meta["landmarks"]
-        if self.visual_corrupt is not None:
-            frames = self.visual_corrupt(frames, landmarks, rng)
-        if self.audio_corrupt is not None:
-            wave = self.audio_corrupt(wave, rng, exclude=(row.utt_id,))
-        clip = self.transform(Clip(video=frames, landmarks=landmarks, audio=wave), rng)
         return Sample(utt_id=row.utt_id, transcript=row.transcript, video=clip.video,
                       audio=np.ascontiguousarray(clip.audio, dtype=np.float32), tokens=self.tokens[index],
                       landmarks=np.ascontiguousarray(clip.landmarks, dtype=np.float32),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional
 
@@ -17,6 +18,19 @@ from avsr.models.avsr import EncoderOutput
 log = logging.getLogger(__name__)
 
 METHODS = ("beam", "greedy")
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: Optional[int]):
+    """Run the block with ``n`` torch CPU threads (``None`` or ``n < 1``: unchanged); restores the count."""
+    before = torch.get_num_threads()
+    if n is not None and n >= 1 and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 class Recognizer:
@@ -63,7 +77,8 @@ class Recognizer:
         log_probs = self.model.ctc_head(encoded.enc)
         if self.search is None:
             return ctc_greedy_search(log_probs, encoded.enc_lengths, self.tokenizer.blank_id), encoded
-        nbest: list[list[Hypothesis]] = self.search(encoded.enc, encoded.enc_lengths, log_probs)
+        with _cpu_threads(self.cfg.search_threads if self.device.type == "cpu" else None):
+            nbest: list[list[Hypothesis]] = self.search(encoded.enc, encoded.enc_lengths, log_probs)
         return [list(h[0].tokens) if h else [] for h in nbest], encoded
 
     def decode_tokens(self, batch: Batch) -> list[list[int]]:

@@ -195,6 +195,48 @@ def build_corruptors(cfg: Config, root: Path):
     return visual, audio
 
 
+FUSION_WEIGHT = "encoder.fusion.0.weight"  # Linear(n_streams * C -> d_model) in front of the Conformer
+
+
+def _start_from_single_modality(model: torch.nn.Module, source: dict, source_mode: str) -> dict:
+    """State entries that make an audio-visual ``model`` (channel fusion: video columns ``[0, C)``,
+    audio columns ``[C, 2C)``) start as the single-modality ``source`` model (a state dict of mode
+    ``source_mode``) whenever the other stream is silent (zero features):
+
+    - the fusion ``Linear(2C -> d)`` takes the source's ``Linear(C -> d)`` in that modality's
+      columns and zeros in the other's (copying only the bias, as a shape-matching copy does,
+      left a random projection in front of a pretrained Conformer);
+    - reliability scorers start neutral: their last affine layer is zeroed, so every score is
+      ``sigmoid(0) = 0.5`` and the scored features are ``1.5 f``; the copied columns are divided
+      by 1.5 to match. The scorers learn from there (their last layer gets gradients at once).
+
+    Empty when there is nothing to map (the shapes already agree, e.g. time fusion, or other modes).
+    """
+    own = model.state_dict()
+    w, src = own.get(FUSION_WEIGHT), source.get(FUSION_WEIGHT)
+    if w is None or src is None or source_mode not in ("audio", "video") or w.shape == src.shape:
+        return {}
+    c = src.shape[1]
+    if w.shape != (src.shape[0], 2 * c):
+        return {}
+    out = {}
+    scale = 1.0
+    for name, scorer in getattr(unwrap(model).encoder, "scorers", {}).items():
+        # the last affine layer before the sigmoid: a convolution, or the batch norm after it
+        # (zeroing the norm's scale, not the conv, keeps its gradient finite)
+        last = [(n, m) for n, m in scorer.named_modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.BatchNorm1d))][-1]
+        for pname, p in last[1].named_parameters():
+            out[f"encoder.scorers.{name}.{last[0]}.{pname}"] = torch.zeros_like(p)
+        scale = 1.5
+    mapped = torch.zeros_like(w)
+    start = c if source_mode == "audio" else 0
+    mapped[:, start:start + c] = src / scale
+    out[FUSION_WEIGHT] = mapped
+    log.info("fusion: %s columns from the %s model, the other modality's zeroed%s", source_mode, source_mode,
+             "; reliability scorers start neutral" if scale != 1.0 else "")
+    return out
+
+
 class Trainer:
     """Trains ``cfg`` on ``cfg.data.root``; see the module docstring.
 
@@ -288,10 +330,13 @@ class Trainer:
         """Copy the weights of checkpoint ``path`` whose names (starting with ``prefix``) and shapes
         match ``model``'s. With a ``prefix``, all of the model's tensors under it must fit, else
         ``ValueError`` (a part copied only in places would be a silently different network)."""
-        source = load_checkpoint(path)["model"]
+        ckpt = load_checkpoint(path)
+        source = ckpt["model"]
         own = model.state_dict()
         usable = {k: v for k, v in source.items()
                   if k.startswith(prefix) and k in own and own[k].shape == v.shape}
+        if not prefix:
+            usable.update(_start_from_single_modality(model, source, ckpt["config"]["model"]["mode"]))
         wanted = [k for k in own if k.startswith(prefix)] if prefix else []
         if prefix and (not wanted or len(usable) < len(wanted)):
             raise ValueError(f"{path}: only {len(usable)} of the {len(wanted)} tensors under '{prefix}' of this "
