@@ -1,4 +1,4 @@
-"""Shared fixtures.
+"""Shared fixtures, and helpers the test modules import (``from conftest import one_thread``).
 
 Real GRID clips are found through ``$AVSR_DATA`` (default ``../shared/data/real``). Without them
 the tests that need them are skipped with a reason — unless ``AVSR_REQUIRE_DATA=1`` (set by
@@ -7,14 +7,46 @@ the tests that need them are skipped with a reason — unless ``AVSR_REQUIRE_DAT
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from avsr.utils import real_data_dir, set_num_threads
 
 set_num_threads(2)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block on one torch thread (restored after): with other jobs on the 2 cores, two
+    spinning OpenMP threads stall (a 150-step run took 230 s on 2 threads and 25 s on 1 at load 7)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail with TimeoutError (SIGALRM) when the block runs longer than ``seconds``, instead of hanging."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s (a hang)")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def _require(path: Path, what: str) -> Path:
@@ -83,16 +115,10 @@ def tiny_checkpoint(grid_prepared: Path, tmp_path_factory: pytest.TempPathFactor
     from avsr.config import load_config
     from avsr.training.loop import Trainer
 
-    import torch
-
     exp = tmp_path_factory.mktemp("tiny_checkpoint")
     cfg = load_config(None, [
         f"data.root={grid_prepared}", f"train.exp_dir={exp}", *MICRO_AVSR, "data.val_split=test",
         "data.num_workers=0", "data.max_frames=150", "data.num_buckets=1", "train.max_steps=3", "train.epochs=10",
         "train.warmup_steps=2", "train.save_step=3", "train.eval_step=3", "train.log_step=1"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two spinning OpenMP threads stall when other jobs share the 2 cores
-    try:
+    with one_thread():
         return Trainer(cfg).fit()
-    finally:
-        torch.set_num_threads(threads)

@@ -5,7 +5,6 @@ without a clip, and manifest paths that escape the data root. Media come from re
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import logging
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import deadline, one_thread
 from media_utils import write_av
 
 from avsr.config import PreprocessConfig, load_config, to_dict
@@ -48,31 +48,6 @@ MICRO_AUDIO = [  # the micro audio model of tests/test_training.py, without conf
 def _state(step: int) -> dict:
     return {"model": {"w": torch.full((256,), float(step))}, "config": to_dict(load_config()),
             "tokenizer": torch.zeros(4, dtype=torch.uint8), "step": step, "epoch": 0}
-
-
-@contextlib.contextmanager
-def _deadline(seconds: int):
-    """Fail instead of hanging."""
-    def expired(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s (a hang)")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- untrusted checkpoints
@@ -222,7 +197,7 @@ def test_dataloader_worker_crash_is_a_clear_error_not_a_hang(grid_prepared, tmp_
     monkeypatch.setattr(AVDataset, "__getitem__", die_in_worker)
     cfg = load_config(None, [f"data.root={grid_prepared}", f"train.exp_dir={tmp_path / 'exp'}", *MICRO_AUDIO,
                              "data.num_workers=1", "train.max_steps=2"])
-    with _deadline(120), _one_thread():
+    with deadline(120), one_thread():
         trainer = Trainer(cfg)
         with pytest.raises(DataLoaderWorkerError) as info:
             trainer.fit()
@@ -246,7 +221,7 @@ def test_training_skips_missing_and_garbled_clips_naming_them(grid_prepared, tmp
     cfg = load_config(None, [f"data.root={root}", f"train.exp_dir={tmp_path / 'exp'}", *MICRO_AUDIO,
                              "data.num_workers=0", "data.max_frames=1000", "data.num_buckets=1",
                              "train.max_steps=2", "train.epochs=5", "train.save_step=2", "train.warmup_steps=1"])
-    with caplog.at_level(logging.WARNING, logger="avsr.data.dataset"), _one_thread():
+    with caplog.at_level(logging.WARNING, logger="avsr.data.dataset"), one_thread():
         last = Trainer(cfg).fit()
     assert load_checkpoint(last)["step"] == 2
     skipped = [r.getMessage() for r in caplog.records if "skipping bad clip" in r.getMessage()]

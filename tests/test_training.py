@@ -3,7 +3,6 @@ non-finite guard), exact resumption after SIGKILL, and two-process DDP with torc
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import pickle
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import one_thread
 
 from avsr.config import load_config, to_dict
 from avsr.training.averaging import average_checkpoints, average_state_dicts
@@ -41,18 +42,6 @@ MICRO = [
     "model.decoder_layers=1", "model.decoder_ffn_dim=128", "model.mouth_opening_weight=0.0",
     "model.lip2speech_weight=0.0", "text.kind=char", "train.log_step=1",
 ]
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Train in-process on one torch thread: with other jobs on the 2 cores, two spinning OpenMP
-    threads stall (a 150-step run took 230 s on 2 threads and 25 s on 1 at load 7)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _env() -> dict:
@@ -213,7 +202,7 @@ def test_tiny_model_overfits_a_handful_of_real_grid_clips(grid_prepared, tmp_pat
                "train.lr=3e-3", "train.schedule=noam", "train.warmup_steps=10", "train.max_steps=150",
                "train.epochs=1000", "train.eval_step=50", "train.save_step=1000", "train.save_epoch_end=false",
                "train.log_step=25")
-    with _one_thread():
+    with one_thread():
         trainer = Trainer(cfg)
         last = trainer.fit()
     assert trainer.best_wer <= 0.05

@@ -13,6 +13,7 @@ and LRS's H.264), else BT.601 luma computed from RGB.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -51,6 +52,27 @@ def _open(path: str | Path) -> av.container.InputContainer:
         raise MediaError(f"{path}: unreadable media file ({exc})") from None
 
 
+@contextmanager
+def _first_stream(path: str | Path, kind: str) -> Iterator[tuple[av.container.InputContainer, av.stream.Stream]]:
+    """``(container, stream)``: ``path`` opened and its first ``kind`` (``"video"`` or
+    ``"audio"``) stream; the container is closed on leaving the ``with`` block. Raises
+    :class:`MediaError` when the file is unreadable or has no such stream."""
+    container = _open(path)
+    try:
+        streams = getattr(container.streams, kind)
+        if not streams:
+            raise MediaError(f"{path}: no {kind} stream")
+        yield container, streams[0]
+    finally:
+        container.close()
+
+
+def _frame_rate(stream: av.video.stream.VideoStream) -> float:
+    """The stream's frame rate as its header gives it (25 when it gives none)."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 25.0
+
+
 def _convert(frame: av.VideoFrame, want_rgb: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """(gray, rgb or None) of a decoded frame; YUV 4:2:0 takes the fast path (no swscale)."""
     if frame.format.name in _I420 and frame.width % 2 == 0 and frame.height % 2 == 0:
@@ -77,15 +99,10 @@ def iter_video(path: str | Path, fps: float | None = 25.0, rgb: bool = False,
     """
     if fps is not None and fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    container = _open(path)
-    try:
-        if not container.streams.video:
-            raise MediaError(f"{path}: no video stream")
-        stream = container.streams.video[0]
+    with _first_stream(path, "video") as (container, stream):
         if threads:
             stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        src_fps = float(rate) if rate else 25.0
+        src_fps = _frame_rate(stream)
         prev: tuple[int, float, av.VideoFrame] | None = None
         t0 = None
         t = -1.0 / src_fps  # time of the last decoded frame
@@ -116,8 +133,6 @@ def iter_video(path: str | Path, fps: float | None = 25.0, rgb: bool = False,
             while k < max(n_total, 1):
                 yield Frame(prev[0], *_convert(prev[2], rgb))
                 k += 1
-    finally:
-        container.close()
 
 
 def read_video(path: str | Path, fps: float | None = None, gray: bool = False) -> tuple[np.ndarray, float]:
@@ -128,15 +143,8 @@ def read_video(path: str | Path, fps: float | None = None, gray: bool = False) -
     """
     out_fps = fps
     if fps is None:
-        container = _open(path)
-        try:
-            if not container.streams.video:
-                raise MediaError(f"{path}: no video stream")
-            s = container.streams.video[0]
-            rate = s.average_rate or s.guessed_rate or s.base_rate
-            out_fps = float(rate) if rate else 25.0
-        finally:
-            container.close()
+        with _first_stream(path, "video") as (_, stream):
+            out_fps = _frame_rate(stream)
     frames = [f.gray if gray else f.rgb for f in iter_video(path, fps, rgb=not gray)]
     if not frames:
         return np.zeros((0, 0, 0) if gray else (0, 0, 0, 3), np.uint8), float(out_fps)
@@ -150,14 +158,8 @@ def read_gray_video(path: str | Path) -> np.ndarray:
 
 def video_start_time(path: str | Path) -> float:
     """Presentation time (s) of the first video frame, from the stream header (0 if unknown)."""
-    container = _open(path)
-    try:
-        if not container.streams.video:
-            raise MediaError(f"{path}: no video stream")
-        s = container.streams.video[0]
+    with _first_stream(path, "video") as (_, s):
         return float(s.start_time * s.time_base) if s.start_time is not None else 0.0
-    finally:
-        container.close()
 
 
 def read_audio(path: str | Path, sample_rate: int = 16000, start: float | None = None) -> np.ndarray:
@@ -170,11 +172,7 @@ def read_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-    container = _open(path)
-    try:
-        if not container.streams.audio:
-            raise MediaError(f"{path}: no audio stream")
-        stream = container.streams.audio[0]
+    with _first_stream(path, "audio") as (container, stream):
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         chunks: list[np.ndarray] = []
         first_time = None
@@ -188,8 +186,6 @@ def read_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
                 chunks.append(out.to_ndarray().reshape(-1))
         except av.error.FFmpegError as exc:
             raise MediaError(f"{path}: audio decoding failed ({exc})") from None
-    finally:
-        container.close()
     wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if start is not None and first_time is not None:
         shift = int(round((first_time - start) * sample_rate))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avsr.safe_load import unpickling_reason
+from avsr.safe_load import first_line, safe_torch_load
 from avsr.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -209,11 +208,6 @@ def save_lm(path: str | Path, lm: TransformerLM, tokenizer_bytes: bytes, step: i
         torch.save(state, tmp)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def load_lm(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[TransformerLM, bytes]:
     """Read a checkpoint of :func:`save_lm`: ``(lm in eval mode, tokenizer bytes)``.
 
@@ -222,16 +216,11 @@ def load_lm(path: str | Path, map_location: str | torch.device = "cpu") -> tuple
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"LM checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path}: refused as a language-model checkpoint: {unpickling_reason(exc)}") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path}: not a language-model checkpoint ({_first_line(exc)})") from None
+    state = safe_torch_load(path, "a language-model checkpoint", ValueError, map_location)
     try:
         lm = TransformerLM(LMConfig(**state["lm_config"]))
         lm.load_state_dict(state["model"])
         tok = bytes(state["tokenizer"].cpu().numpy().tobytes())
     except (RuntimeError, KeyError, TypeError, AttributeError, IndexError) as exc:
-        raise ValueError(f"{path}: not a language-model checkpoint ({_first_line(exc)})") from None
+        raise ValueError(f"{path}: not a language-model checkpoint ({first_line(exc)})") from None
     return lm.eval(), tok

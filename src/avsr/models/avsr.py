@@ -18,7 +18,6 @@ a head is called as ``head(batch, encoded) -> scalar loss`` with the :class:`Enc
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from avsr.models.frontends import AudioResNetFrontend, LogMelFrontend, VisualFro
 from avsr.models.heads import attach_aux_heads
 from avsr.models.losses import add_sos_eos, ctc_loss, label_smoothing_loss
 from avsr.models.reliability import ReliabilityScorer
-from avsr.safe_load import unpickling_reason
+from avsr.safe_load import first_line, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -271,19 +270,15 @@ def load_encoder(checkpoint: str | Path, part: str = "encoder", freeze: bool = T
     """
     if part not in ENCODER_PARTS:
         raise ValueError(f"part must be one of {', '.join(ENCODER_PARTS)}, got '{part}'")
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"cannot load an encoder from checkpoint {checkpoint}: {unpickling_reason(exc)}") from None
+    ckpt = safe_torch_load(checkpoint, "an avsr checkpoint", ValueError)
     try:
         cfg = from_dict(ckpt["config"]).model
         prefix = "encoder."
         state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
         encoder = AVSREncoder(cfg)
         encoder.load_state_dict(state)
-    except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, TypeError, AttributeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot load an encoder from checkpoint {checkpoint}: {first}") from None
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"cannot load an encoder from checkpoint {checkpoint}: {first_line(exc)}") from None
     module = encoder if part == "encoder" else getattr(encoder, part)
     if module is None:
         raise ValueError(f"checkpoint {checkpoint} is a '{cfg.mode}' model without a {part}")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avsr.models.layers import HeadsBase, feed_forward
 from avsr.models.masking import check_lengths, lengths_to_mask
 
 CONV_NORMS = ("batchnorm", "layernorm")
@@ -42,7 +43,7 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*lead, t, p)[..., :t]
 
 
-class RelPositionMultiHeadAttention(nn.Module):
+class RelPositionMultiHeadAttention(HeadsBase):
     """Multi-head self-attention with relative positional scores.
 
     Args:
@@ -52,10 +53,7 @@ class RelPositionMultiHeadAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if dim <= 0 or num_heads <= 0 or dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
-        self.h, self.d_k = num_heads, dim // num_heads
+        super().__init__(dim, num_heads)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.pos = nn.Linear(dim, dim, bias=False)
@@ -75,16 +73,14 @@ class RelPositionMultiHeadAttention(nn.Module):
         Returns:
             ``(B, T, D)``.
         """
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.d_k).permute(2, 0, 3, 1, 4)  # each (B, H, T, d_k)
+        q, k, v = self.split_heads(self.qkv(x), 3)  # each (B, H, T, d_k)
         p = self.pos(pos_emb).view(-1, self.h, self.d_k).transpose(0, 1)  # (H, 2T-1, d_k)
         scale = 1.0 / math.sqrt(self.d_k)
         ac = torch.matmul((q + self.pos_bias_u[:, None]) * scale, k.transpose(-2, -1))  # (B, H, T, T)
         bd = rel_shift(torch.matmul((q + self.pos_bias_v[:, None]) * scale, p.transpose(-2, -1)))
         scores = (ac + bd).masked_fill(~key_mask[:, None, None, :], float("-inf"))
         attn = self.dropout(torch.softmax(scores, dim=-1))
-        y = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, -1)
-        return self.out(y)
+        return self.merge_heads(torch.matmul(attn, v))
 
 
 class FeedForward(nn.Module):
@@ -92,12 +88,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
-        if dim <= 0 or hidden_dim <= 0:
-            raise ValueError(f"dim and hidden_dim must be positive, got {dim}, {hidden_dim}")
-        self.net = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, hidden_dim), nn.SiLU(), nn.Dropout(dropout),
-            nn.Linear(hidden_dim, dim), nn.Dropout(dropout),
-        )
+        self.net = feed_forward(dim, hidden_dim, dropout, nn.SiLU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, D) -> (B, T, D)``."""

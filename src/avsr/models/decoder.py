@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avsr.models.layers import HeadsBase, feed_forward
 from avsr.models.masking import lengths_to_mask
 
 
@@ -57,7 +58,7 @@ def _sinusoids(start: int, length: int, dim: int, device: torch.device) -> torch
     return pe
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(HeadsBase):
     """Multi-head attention whose keys/values can be projected once and reused.
 
     Args:
@@ -67,10 +68,7 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if dim <= 0 or num_heads <= 0 or dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
-        self.h, self.d_k = num_heads, dim // num_heads
+        super().__init__(dim, num_heads)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
@@ -78,8 +76,7 @@ class MultiHeadAttention(nn.Module):
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, L, D)`` -> keys and values ``(B, H, L, d_k)`` each."""
-        b, n, _ = x.shape
-        k, v = self.kv(x).view(b, n, 2, self.h, self.d_k).permute(2, 0, 3, 1, 4)
+        k, v = self.split_heads(self.kv(x), 2)
         return k, v
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -88,7 +85,7 @@ class MultiHeadAttention(nn.Module):
         b, n, _ = x.shape
         q = self.q(x).view(b, n, self.h, self.d_k).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+        return self.merge_heads(y)
 
 
 class DecoderLayer(nn.Module):
@@ -100,7 +97,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(dim, num_heads, dropout)
         self.src_norm = nn.LayerNorm(dim)
         self.src_attn = MultiHeadAttention(dim, num_heads, dropout)
-        self.ffn = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.ffn = feed_forward(dim, ffn_dim, dropout, nn.ReLU, final_dropout=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(

@@ -18,7 +18,6 @@ Two variants:
 from __future__ import annotations
 
 import math
-import pickle
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from avsr.audio_features import LOG_FLOOR_VALUE, MEL_PER_VIDEO_FRAME, N_MELS
 from avsr.models.masking import lengths_to_mask
-from avsr.safe_load import unpickling_reason
+from avsr.safe_load import safe_torch_load
 
 MAX_LOOKAHEAD = 3
 
@@ -212,13 +211,7 @@ def load_mouth_model(path: str, map_location: str | torch.device = "cpu") -> Aud
     Raises:
         ValueError: when the file is not such a checkpoint (naming the file).
     """
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path}: refused as a mouth-opening checkpoint: {unpickling_reason(exc)}") from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: cannot read mouth-opening checkpoint: {first}") from None
+    ckpt = safe_torch_load(path, "a mouth-opening checkpoint", ValueError, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ValueError(f"{path}: not a mouth-opening checkpoint (needs keys 'model' and 'model_args')")
     model = build_mouth_model(**ckpt["model_args"])

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,7 +28,7 @@ import numpy as np
 import torch
 
 from avsr.config import Config, from_dict
-from avsr.safe_load import unpickling_reason
+from avsr.safe_load import first_line, safe_torch_load
 from avsr.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -61,13 +59,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused as an avsr checkpoint: {unpickling_reason(exc)}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({first})") from None
+    state = safe_torch_load(path, "an avsr checkpoint", CheckpointError, map_location)
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not an avsr checkpoint (needs keys {', '.join(REQUIRED_KEYS)}; has {have})")
@@ -203,6 +195,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not match the model of its config ({first})") from None
+        raise CheckpointError(f"{path}: weights do not match the model of its config ({first_line(exc)})") from None
     return model.to(device).eval(), tokenizer, cfg
