@@ -122,6 +122,42 @@ def test_reliability_scores_are_in_unit_interval_and_reweight():
         ReliabilityScorer(16, kernel_size=6)
 
 
+def test_reference_scorer_layout_and_padding():
+    """The AV-RelScore reference code's scorer: Conv1d C->2C->2C->C, BatchNorm after every conv;
+    padding neither reaches valid frames (eval) nor the batch statistics (train)."""
+    torch.manual_seed(0)
+    scorer = ReliabilityScorer(dim=16, hidden_dim=32, batch_norm=True)
+    assert [(c.in_channels, c.out_channels) for c in scorer.convs] == [(16, 32), (32, 32), (32, 16)]
+    assert [n.num_features for n in scorer.norms] == [32, 32, 16]
+    # the last affine layer before the sigmoid is the last norm (zeroed to start the scorer neutral)
+    last = [n for n, m in scorer.named_modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.BatchNorm1d))][-1]
+    assert last == "norms.2"
+    feats = torch.randn(3, 15, 16)
+    lengths = torch.tensor([15, 11, 6])
+    for i, n in enumerate(lengths.tolist()):
+        feats[i, n:] = 0
+    # train mode: the batch statistics are those of the valid frames, whatever the padding
+    more = torch.cat([feats, torch.zeros(3, 7, 16)], dim=1)
+    _, s1, _ = scorer.train()(feats, lengths)
+    mean1 = [n.running_mean.clone() for n in scorer.norms]
+    for n in scorer.norms:
+        n.reset_running_stats()
+    _, s2, _ = scorer(more, lengths)
+    torch.testing.assert_close(s2[:, :15], s1)
+    for n, m in zip(scorer.norms, mean1):
+        torch.testing.assert_close(n.running_mean, m)
+    # eval mode: a clip alone equals the clip in the padded batch
+    scorer.eval()
+    randomise_bn(scorer)
+    scored, scores, _ = scorer(feats, lengths)
+    valid = lengths[:, None] > torch.arange(15)[None]
+    assert torch.all((scores[valid] > 0) & (scores[valid] < 1)) and torch.all(scores[~valid] == 0)
+    torch.testing.assert_close(scored, feats * scores + feats)
+    for i, n in enumerate(lengths.tolist()):
+        _, alone, _ = scorer(feats[i : i + 1, :n], lengths[i : i + 1])
+        torch.testing.assert_close(alone[0], scores[i, :n], atol=1e-6, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- Conformer
 
 
@@ -281,6 +317,60 @@ def test_padding_does_not_change_a_clips_encoding(mode):
                 torch.testing.assert_close(scores[0], together.reliability[name][i, :n], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "mode, variant, fusion",
+    [("audiovisual_relscore", v, f) for v in ("ours", "reference") for f in ("channel", "time")]
+    + [("audiovisual", "ours", "time")],
+)
+def test_scorer_variants_and_fusions_keep_padding_invariance(mode, variant, fusion):
+    """Eval mode: a clip alone and padded in a batch encodes the same (within 1e-5) for both
+    reliability-scorer layouts and both fusions."""
+    torch.manual_seed(0)
+    model = build_model(small_cfg(mode, relscore_variant=variant, fusion=fusion), V).eval()
+    randomise_bn(model)
+    batch = toy_batch([23, 16, 9], size=48)
+    with torch.no_grad():
+        together = model.encode(batch.video, batch.video_lengths, batch.audio, batch.audio_lengths)
+        assert together.enc.shape == (3, 23, 32) and together.enc_lengths.tolist() == [23, 16, 9]
+        for i, n in enumerate(batch.video_lengths.tolist()):
+            alone = model.encode(batch.video[i : i + 1, :n], batch.video_lengths[i : i + 1],
+                                 batch.audio[i : i + 1, : 640 * n], batch.audio_lengths[i : i + 1])
+            torch.testing.assert_close(alone.enc[0], together.enc[i, :n], atol=1e-5, rtol=1e-5)
+            assert torch.all(together.enc[i, n:] == 0)
+            for name, scores in alone.reliability.items():
+                torch.testing.assert_close(scores[0], together.reliability[name][i, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_time_fusion_is_the_reference_order():
+    """``fusion=time``: Linear(C -> d), and an unpadded batch encodes as in the AV-RelScore
+    reference code: Conformer(Linear(cat([video, audio], time)))[:, :T]."""
+    torch.manual_seed(0)
+    model = build_model(small_cfg("audiovisual_relscore", relscore_variant="reference", fusion="time"), V).eval()
+    randomise_bn(model)
+    enc = model.encoder
+    assert enc.fusion[0].in_features == 32 and enc.fusion[0].out_features == 32
+    audio_model = build_model(small_cfg("audio"), V)
+    assert enc.fusion[0].weight.shape == audio_model.encoder.fusion[0].weight.shape
+    batch = toy_batch([12, 12])
+    with torch.no_grad():
+        out = model.encode(batch.video, batch.video_lengths, batch.audio, batch.audio_lengths)
+        v = enc.scorers["video"](out.visual_feats, batch.video_lengths)[0]
+        a = enc.scorers["audio"](out.audio_feats, batch.video_lengths)[0]
+        ref, _ = enc.conformer(enc.fusion(torch.cat([v, a], dim=1)), 2 * batch.video_lengths)
+    assert out.enc.shape == (2, 12, 32) and out.enc_lengths.tolist() == [12, 12]
+    torch.testing.assert_close(out.enc, ref[:, :12])
+    # a padded training step reaches every parameter
+    loss = model.train()(toy_batch([10, 7, 4])).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    # single-modality modes ignore the fusion option
+    for mode in ("audio", "video"):
+        chan = build_model(small_cfg(mode), V).state_dict()
+        time = build_model(small_cfg(mode, fusion="time", relscore_variant="reference"), V).state_dict()
+        assert {k: v.shape for k, v in chan.items()} == {k: v.shape for k, v in time.items()}
+
+
 def test_model_rejects_bad_configs_and_inputs():
     with pytest.raises(ValueError, match="mode"):
         build_model(small_cfg("lips"), V)
@@ -288,6 +378,10 @@ def test_model_rejects_bad_configs_and_inputs():
         build_model(small_cfg("audio", audio_frontend="mfcc"), V)
     with pytest.raises(ValueError, match="ctc_weight"):
         build_model(small_cfg("audio", ctc_weight=1.5), V)
+    with pytest.raises(ValueError, match="relscore_variant must be one of ours, reference"):
+        build_model(small_cfg("audiovisual_relscore", relscore_variant="paper"), V)
+    with pytest.raises(ValueError, match="fusion must be one of channel, time"):
+        build_model(small_cfg("audiovisual", fusion="frames"), V)
     with pytest.raises(ValueError, match="vocab_size"):
         build_model(small_cfg("audio"), 2)
     model = build_model(small_cfg("audiovisual"), V)
@@ -361,6 +455,19 @@ def test_base_config_is_the_paper_size():
     # frontends 11.18 M (visual) + 3.85 M (audio), scoring 2 x 5.51 M, fusion 0.26 M,
     # Conformer 31.68 M, decoder 9.99 M, CTC head 0.26 M (1000 tokens); reference: 85.7 M
     assert n_params == 68_225_296
+
+
+def test_base_config_with_the_reference_scorer_and_time_fusion_is_the_reference_size():
+    """85.7 M parameters with 41 output symbols (the AV-RelScore reference code's count)."""
+    counts = {}
+    for variant, fusion in (("ours", "channel"), ("reference", "channel"), ("reference", "time")):
+        cfg = load_config(REPO / "configs" / "model" / "base.yaml",
+                          ["model.mode=audiovisual_relscore", f"model.relscore_variant={variant}", f"model.fusion={fusion}"]).model
+        counts[variant, fusion] = sum(p.numel() for p in build_model(cfg, 41).parameters())
+    # scorers 2 x 14.69 M (reference) vs 2 x 5.51 M (ours); fusion 0.13 M (time) vs 0.26 M (channel)
+    assert counts == {("ours", "channel"): 67_486_866, ("reference", "channel"): 85_849_234,
+                      ("reference", "time"): 85_718_162}
+    assert abs(counts["reference", "time"] - 85.7e6) <= 0.01 * 85.7e6
 
 
 def test_tiny_config_has_a_few_million_parameters():

@@ -88,6 +88,10 @@ class ModelConfig:
     # reliability scoring
     relscore_layers: int = 3
     relscore_kernel: int = 7
+    relscore_variant: str = "ours"  # "ours" (width C, no norm) or "reference" (AV-RelScore code: C->2C->2C->C, BatchNorm)
+    # audio-visual fusion in front of the Conformer
+    fusion: str = "channel"  # "channel" (concat channels, Linear(2C->d)) or "time" (AV-RelScore code: video frames
+                             # then audio frames in one 2T sequence, Linear(C->d), first T outputs kept)
     # conformer encoder
     d_model: int = 256
     num_heads: int = 4

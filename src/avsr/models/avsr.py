@@ -2,12 +2,20 @@
 
 ::
 
-    video (B,T,1,88,88) ─ VisualFrontend ─┬─ [ReliabilityScorer] ─┐
-    audio (B,S)         ─ Audio frontend ─┴─ [ReliabilityScorer] ─┴─ concat ─ Linear ─ Conformer ─┬─ CTC head
+    video (B,T,1,88,88) ─ VisualFrontend ─┬─ [ReliabilityScorer] ─┐ (B,T,C)
+    audio (B,S)         ─ Audio frontend ─┴─ [ReliabilityScorer] ─┴─ fusion ─ Linear ─ Conformer ─┬─ CTC head
                                                                                                   └─ Transformer decoder
 
+    fusion "channel": concat channels [video | audio]  (B,T,2C) ─ Linear(2C->d) ─ Conformer (B,T,d)
+    fusion "time":    join in time [video_b[:L_b] audio_b[:L_b]]  (B,2T,C) ─ Linear(C->d) ─ Conformer (B,2T,d)
+                      ─ keep the video half: frames [0, L_b) of clip b ─ (B,T,d)
+
 ``cfg.mode`` picks the branches: ``audio`` and ``video`` use one frontend; ``audiovisual``
-concatenates both; ``audiovisual_relscore`` scores each modality per frame and channel first.
+fuses both; ``audiovisual_relscore`` scores each modality per frame and channel first.
+``cfg.fusion`` (audio-visual modes only) concatenates the two streams along channels or, as in
+the AV-RelScore reference code (after Hong et al. 2023), along time, so that the Conformer's
+self-attention attends across modalities; ``cfg.relscore_variant`` picks the scorer layout
+(see :mod:`.reliability`).
 Training minimises ``ctc_weight * CTC + (1 - ctc_weight) * attention`` (see :mod:`.losses`).
 
 Auxiliary heads (mouth opening, lip-to-speech) plug in with :meth:`AVSRModel.register_aux_head`:
@@ -31,12 +39,15 @@ from avsr.models.decoder import TransformerDecoder
 from avsr.models.frontends import AudioResNetFrontend, LogMelFrontend, VisualFrontend
 from avsr.models.heads import attach_aux_heads
 from avsr.models.losses import add_sos_eos, ctc_loss, label_smoothing_loss
+from avsr.models.masking import lengths_to_mask
 from avsr.models.reliability import ReliabilityScorer
 from avsr.safe_load import first_line, safe_torch_load
 
 log = logging.getLogger(__name__)
 
 AUDIO_FRONTENDS = ("resnet1d", "logmel")
+RELSCORE_VARIANTS = ("ours", "reference")
+FUSIONS = ("channel", "time")
 ENCODER_PARTS = ("visual_frontend", "audio_frontend", "encoder")
 
 
@@ -83,15 +94,52 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
     if cfg.audio_frontend not in AUDIO_FRONTENDS:
         raise ValueError(f"model.audio_frontend must be one of {', '.join(AUDIO_FRONTENDS)}, got '{cfg.audio_frontend}'")
+    if cfg.relscore_variant not in RELSCORE_VARIANTS:
+        raise ValueError(f"model.relscore_variant must be one of {', '.join(RELSCORE_VARIANTS)}, got '{cfg.relscore_variant}'")
+    if cfg.fusion not in FUSIONS:
+        raise ValueError(f"model.fusion must be one of {', '.join(FUSIONS)}, got '{cfg.fusion}'")
     if not 0.0 <= cfg.ctc_weight <= 1.0:
         raise ValueError(f"model.ctc_weight must be in [0, 1], got {cfg.ctc_weight}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ValueError(f"model.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
 
 
+def join_in_time(video: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two streams of each clip as one sequence, video first (after the AV-RelScore reference code).
+
+    Args:
+        video, audio: ``(B, T, C)`` features, zero on padding.
+        lengths: ``(B,)`` int64 valid frames ``L_b`` of both.
+
+    Returns:
+        ``(joined (B, 2T, C), 2 * lengths)``: row ``b`` holds ``video[b, :L_b]`` at
+        ``[0, L_b)``, ``audio[b, :L_b]`` at ``[L_b, 2 L_b)`` and zeros after. The reference
+        concatenates the padded streams (``[video_b, pad, audio_b, pad]``) and masks the padding
+        keys, which puts the audio at a position (and relative distance) that depends on the
+        batch's longest clip; packed here, a clip's joined sequence is the same alone or padded,
+        and equals the reference's whenever the clip is not padded.
+    """
+    b, t, c = video.shape
+    pos = torch.arange(2 * t, device=video.device)[None, :]  # (1, 2T)
+    ln = lengths[:, None]
+    # index into cat([video, audio], 1): video frame p, then audio frame p - L_b (at T + p - L_b)
+    idx = torch.where(pos < ln, pos, pos - ln + t).clamp(max=2 * t - 1)
+    joined = torch.gather(torch.cat([video, audio], dim=1), 1, idx[:, :, None].expand(b, 2 * t, c))
+    return joined * (pos < 2 * ln)[:, :, None], 2 * lengths
+
+
 class AVSREncoder(nn.Module):
     """Frontends, optional reliability scoring, fusion and the Conformer (``cfg`` as in
-    :class:`avsr.config.ModelConfig`). Raises ValueError on an invalid configuration."""
+    :class:`avsr.config.ModelConfig`). Raises ValueError on an invalid configuration.
+
+    Audio-visual fusion (``cfg.fusion``): ``"channel"`` concatenates video then audio channels
+    into ``Linear(2C -> d)`` (audio in input columns ``[C, 2C)``); ``"time"`` joins each clip's
+    valid video frames and then its valid audio frames into one sequence of ``2 L_b`` frames
+    (:func:`join_in_time`), projects it with ``Linear(C -> d)`` (the shape of a single-modality
+    model's fusion) and keeps the first ``L_b`` Conformer outputs, those of the video frames.
+    Video comes first, as in the AV-RelScore reference code (``torch.cat([vid_s, aud_s], dim=1)``
+    and ``out[:, :T]``), after Hong et al. 2023. Single-modality modes ignore ``cfg.fusion``.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -109,10 +157,14 @@ class AVSREncoder(nn.Module):
             )
         self.scorers = nn.ModuleDict()
         if cfg.mode == "audiovisual_relscore":
+            reference = cfg.relscore_variant == "reference"
             for name in ("video", "audio"):
-                self.scorers[name] = ReliabilityScorer(c, cfg.relscore_layers, cfg.relscore_kernel)
+                self.scorers[name] = ReliabilityScorer(c, cfg.relscore_layers, cfg.relscore_kernel,
+                                                       hidden_dim=2 * c if reference else c, batch_norm=reference)
         n_streams = int(self.uses_video) + int(self.uses_audio)
-        self.fusion = nn.Sequential(nn.Linear(n_streams * c, cfg.d_model), nn.Dropout(cfg.dropout))
+        self.time_fusion = n_streams == 2 and cfg.fusion == "time"
+        in_dim = c if self.time_fusion else n_streams * c
+        self.fusion = nn.Sequential(nn.Linear(in_dim, cfg.d_model), nn.Dropout(cfg.dropout))
         self.conformer = Conformer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.num_layers, cfg.conv_kernel,
                                    cfg.dropout, cfg.conv_norm)
 
@@ -131,9 +183,9 @@ class AVSREncoder(nn.Module):
             audio_lengths: ``(B,)`` int64 samples.
 
         Returns:
-            :class:`EncoderOutput`. In audio-visual modes both streams are cut to the shorter
-            one; raises ValueError when a clip's streams differ by more than one frame or a
-            needed input is missing.
+            :class:`EncoderOutput` with ``enc`` ``(B, T, D)`` in every fusion. In audio-visual
+            modes both streams are cut to the shorter one; raises ValueError when a clip's
+            streams differ by more than one frame or a needed input is missing.
         """
         streams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.uses_video:
@@ -157,7 +209,13 @@ class AVSREncoder(nn.Module):
             if name in self.scorers:
                 f, reliability[name], _ = self.scorers[name](f, lengths)
             fused.append(f)
-        enc, lengths = self.conformer(self.fusion(torch.cat(fused, dim=-1)), lengths)
+        if self.time_fusion:
+            joined, joined_lengths = join_in_time(fused[0], fused[1], lengths)  # (B, 2T, C), video first
+            enc, _ = self.conformer(self.fusion(joined), joined_lengths)
+            # the video half: frames [0, L_b) of clip b (beyond them lie the clip's audio outputs)
+            enc = enc[:, :t].masked_fill(~lengths_to_mask(lengths, t)[:, :, None], 0.0)
+        else:
+            enc, lengths = self.conformer(self.fusion(torch.cat(fused, dim=-1)), lengths)
         return EncoderOutput(enc, lengths, reliability, feats.get("video"), feats.get("audio"))
 
     def forward(
