@@ -305,16 +305,23 @@ def test_padding_does_not_change_a_clips_encoding(mode):
     torch.manual_seed(0)
     model = build_model(small_cfg(mode), V).eval()
     randomise_bn(model)
+    _assert_padding_invariant(model, atol=2e-5, rtol=1e-4)
+
+
+def _assert_padding_invariant(model, atol: float, rtol: float):
+    """Each clip of a padded toy batch (23, 16, 9 frames) encodes alone as in the batch (encoder
+    output and reliability scores), with zeros past its length; the batch's encoding."""
     batch = toy_batch([23, 16, 9], size=48)
     with torch.no_grad():
         together = model.encode(batch.video, batch.video_lengths, batch.audio, batch.audio_lengths)
         for i, n in enumerate(batch.video_lengths.tolist()):
             alone = model.encode(batch.video[i : i + 1, :n], batch.video_lengths[i : i + 1],
                                  batch.audio[i : i + 1, : 640 * n], batch.audio_lengths[i : i + 1])
-            torch.testing.assert_close(alone.enc[0], together.enc[i, :n], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(alone.enc[0], together.enc[i, :n], atol=atol, rtol=rtol)
             assert torch.all(together.enc[i, n:] == 0)
             for name, scores in alone.reliability.items():
-                torch.testing.assert_close(scores[0], together.reliability[name][i, :n], atol=2e-5, rtol=1e-4)
+                torch.testing.assert_close(scores[0], together.reliability[name][i, :n], atol=atol, rtol=rtol)
+    return together
 
 
 @pytest.mark.parametrize(
@@ -328,17 +335,8 @@ def test_scorer_variants_and_fusions_keep_padding_invariance(mode, variant, fusi
     torch.manual_seed(0)
     model = build_model(small_cfg(mode, relscore_variant=variant, fusion=fusion), V).eval()
     randomise_bn(model)
-    batch = toy_batch([23, 16, 9], size=48)
-    with torch.no_grad():
-        together = model.encode(batch.video, batch.video_lengths, batch.audio, batch.audio_lengths)
-        assert together.enc.shape == (3, 23, 32) and together.enc_lengths.tolist() == [23, 16, 9]
-        for i, n in enumerate(batch.video_lengths.tolist()):
-            alone = model.encode(batch.video[i : i + 1, :n], batch.video_lengths[i : i + 1],
-                                 batch.audio[i : i + 1, : 640 * n], batch.audio_lengths[i : i + 1])
-            torch.testing.assert_close(alone.enc[0], together.enc[i, :n], atol=1e-5, rtol=1e-5)
-            assert torch.all(together.enc[i, n:] == 0)
-            for name, scores in alone.reliability.items():
-                torch.testing.assert_close(scores[0], together.reliability[name][i, :n], atol=1e-5, rtol=1e-5)
+    together = _assert_padding_invariant(model, atol=1e-5, rtol=1e-5)
+    assert together.enc.shape == (3, 23, 32) and together.enc_lengths.tolist() == [23, 16, 9]
 
 
 def test_time_fusion_is_the_reference_order():
