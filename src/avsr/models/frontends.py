@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchaudio.transforms import MelSpectrogram
+from torchaudio.transforms import FrequencyMasking, MelSpectrogram
 
 from avsr.models.masking import check_lengths, conv_lengths, lengths_to_mask
 
@@ -32,29 +32,44 @@ def _check_positive(**kwargs: int) -> None:
             raise ValueError(f"{name} must be positive, got {value}")
 
 
-class _BasicBlock2d(nn.Module):
-    """ResNet basic block (He et al. 2016) on ``(N, C, H, W)`` images."""
+def _check_audio(audio: torch.Tensor, lengths: torch.Tensor, min_samples: int) -> None:
+    """ValueError unless ``audio`` is ``(B, S)`` with ``(B,)`` lengths in ``[min_samples, S]``."""
+    if audio.dim() != 2:
+        raise ValueError(f"audio must be (B, S), got {tuple(audio.shape)}")
+    check_lengths(audio, lengths, 1, "audio")
+    if int(lengths.min()) < min_samples:
+        raise ValueError(f"audio clips must hold at least {min_samples} samples, got {lengths.tolist()}")
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+
+class _BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016) on ``(N, C, H, W)`` images (``dims=2``) or ``(B, C, L)``
+    sequences (``dims=1``)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, dims: int = 2) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU(inplace=True)
+        conv, norm = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
         self.stride = stride
+        self.conv1 = conv(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = norm(out_ch)
+        self.conv2 = conv(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = norm(out_ch)
+        self.relu = nn.ReLU(inplace=True)
         self.shortcut = (
-            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+            nn.Sequential(conv(in_ch, out_ch, 1, bias=False), norm(out_ch))
             if stride != 1 or in_ch != out_ch
             else nn.Identity()
         )
 
+    def _skip(self, x: torch.Tensor) -> torch.Tensor:
+        # Subsampling + 1x1 conv rather than a strided 1x1 conv: the same function, but torch 2.14's
+        # oneDNN weight gradient of a strided 1x1 channels-last conv corrupts the heap for narrow
+        # layers (8-12 channels) on 2 CPU threads.
+        step = slice(None, None, self.stride)
+        return self.shortcut(x[(slice(None), slice(None)) + (step,) * (x.dim() - 2)])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
-        # A strided 1x1 conv as subsampling + 1x1 conv: the same function, but torch 2.14's
-        # oneDNN weight gradient of a strided 1x1 channels-last conv corrupts the heap for
-        # narrow layers (8-12 channels) on 2 CPU threads.
-        return self.relu(self.bn2(self.conv2(y)) + self.shortcut(x[:, :, :: self.stride, :: self.stride]))
+        return self.relu(self.bn2(self.conv2(y)) + self._skip(x))
 
 
 class VisualFrontend(nn.Module):
@@ -80,7 +95,7 @@ class VisualFrontend(nn.Module):
         blocks, ch = [], width
         for i, stride in enumerate(_STAGE_STRIDES):
             out = width * 2**i
-            blocks += [_BasicBlock2d(ch, out, stride), _BasicBlock2d(out, out, 1)]
+            blocks += [_BasicBlock(ch, out, stride), _BasicBlock(out, out, 1)]
             ch = out
         self.trunk = nn.Sequential(*blocks)
         self.proj = nn.Linear(ch, out_dim) if ch != out_dim else nn.Identity()
@@ -120,22 +135,11 @@ class VisualFrontend(nn.Module):
         return out, lengths
 
 
-class _BasicBlock1d(nn.Module):
-    """ResNet basic block on ``(B, C, L)`` sequences that zeroes padding before each conv."""
+class _MaskedBlock1d(_BasicBlock):
+    """:class:`_BasicBlock` on ``(B, C, L)`` sequences that zeroes padding before each conv."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
-        super().__init__()
-        self.stride = stride
-        self.conv1 = nn.Conv1d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm1d(out_ch)
-        self.conv2 = nn.Conv1d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm1d(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut = (
-            nn.Sequential(nn.Conv1d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm1d(out_ch))
-            if stride != 1 or in_ch != out_ch
-            else nn.Identity()
-        )
+        super().__init__(in_ch, out_ch, stride, dims=1)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``(B, C, L)`` zero past ``lengths`` -> ``(B, C', L')`` zero past the new lengths.
@@ -147,7 +151,7 @@ class _BasicBlock1d(nn.Module):
         mask = lengths_to_mask(lengths, y.shape[-1])[:, None, :] if padded else None
         if mask is not None:
             y = y * mask
-        y = self.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+        y = self.relu(self.bn2(self.conv2(y)) + self._skip(x))
         return (y * mask if mask is not None else y), lengths
 
 
@@ -169,7 +173,7 @@ class AudioResNetFrontend(nn.Module):
         blocks, ch = [], width
         for i, stride in enumerate(_STAGE_STRIDES):
             out = width * 2**i
-            blocks += [_BasicBlock1d(ch, out, stride), _BasicBlock1d(out, out, 1)]
+            blocks += [_MaskedBlock1d(ch, out, stride), _MaskedBlock1d(out, out, 1)]
             ch = out
         self.blocks = nn.ModuleList(blocks)
         self.pool = nn.AvgPool1d(20, 20)
@@ -186,11 +190,7 @@ class AudioResNetFrontend(nn.Module):
             ``(feats, lengths)``: ``(B, S // 640, out_dim)`` features (zero on padding) and
             ``(B,)`` valid frames (``samples // 640`` for multiples of 640).
         """
-        if audio.dim() != 2:
-            raise ValueError(f"audio must be (B, S), got {tuple(audio.shape)}")
-        check_lengths(audio, lengths, 1, "audio")
-        if int(lengths.min()) < SAMPLES_PER_FRAME:
-            raise ValueError(f"audio clips must hold at least {SAMPLES_PER_FRAME} samples, got {lengths.tolist()}")
+        _check_audio(audio, lengths, SAMPLES_PER_FRAME)
         # with every clip full length, every layer's output is too: masks are skipped (saves memory)
         padded = bool(int(lengths.min()) < audio.shape[1])
         x = (audio * lengths_to_mask(lengths, audio.shape[1]) if padded else audio)[:, None, :]
@@ -216,13 +216,24 @@ class LogMelFrontend(nn.Module):
         hidden: channels of the convolutions.
         out_dim: output feature size.
         n_mels: mel bins.
+        freq_masks: SpecAugment frequency masks per clip in training (Park et al. 2019; 0: none),
+            each of ``[0, freq_mask_bins)`` bins drawn uniformly, set to the utterance mean.
+        freq_mask_bins: the widest mask (LibriSpeech policy: 27 of 80 bins).
+
+    Raises ValueError on a non-positive size or a mask outside ``[1, n_mels]`` bins.
     """
 
     HOP = 160
 
-    def __init__(self, hidden: int = 512, out_dim: int = 512, n_mels: int = 80) -> None:
+    def __init__(self, hidden: int = 512, out_dim: int = 512, n_mels: int = 80, freq_masks: int = 0,
+                 freq_mask_bins: int = 27) -> None:
         super().__init__()
         _check_positive(hidden=hidden, out_dim=out_dim, n_mels=n_mels)
+        if freq_masks < 0 or (freq_masks and not 0 < freq_mask_bins <= n_mels):
+            raise ValueError(f"freq_masks must be >= 0 and freq_mask_bins in [1, {n_mels}], got "
+                             f"{freq_masks}, {freq_mask_bins}")
+        # SpecAugment frequency masks (Park et al. 2019), training only; LibriSpeech policy F = 27
+        self.freq_masks = nn.ModuleList(FrequencyMasking(freq_mask_bins, iid_masks=True) for _ in range(freq_masks))
         self.mel = MelSpectrogram(16000, n_fft=512, win_length=400, hop_length=self.HOP, n_mels=n_mels,
                                   center=True, pad_mode="constant")
         self.conv1 = nn.Sequential(nn.Conv1d(n_mels, hidden, 3, 2, 1, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))
@@ -231,21 +242,11 @@ class LogMelFrontend(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Args:
-            audio: ``(B, S)`` float waveform in [-1, 1] at 16 kHz.
-            lengths: ``(B,)`` int64 valid samples per clip.
-
-        Returns:
-            ``(feats, lengths)``: ``(B, T, out_dim)`` features (zero on padding) with
-            ``T = ceil(S // 160 / 4)``, and ``(B,)`` valid frames (``samples // 640`` for
-            multiples of 640).
-        """
-        if audio.dim() != 2:
-            raise ValueError(f"audio must be (B, S), got {tuple(audio.shape)}")
-        check_lengths(audio, lengths, 1, "audio")
-        if int(lengths.min()) < self.HOP:
-            raise ValueError(f"audio clips must hold at least {self.HOP} samples, got {lengths.tolist()}")
+        """``audio`` ``(B, S)`` float waveform in [-1, 1] at 16 kHz and ``(B,)`` int64 valid samples
+        per clip (as :meth:`AudioResNetFrontend.forward`) -> ``(feats, lengths)``: ``(B, T, out_dim)``
+        features (zero on padding) with ``T = ceil(S // 160 / 4)``, and ``(B,)`` valid frames
+        (``samples // 640`` for multiples of 640)."""
+        _check_audio(audio, lengths, self.HOP)
         audio = audio * lengths_to_mask(lengths, audio.shape[1])
         n = audio.shape[1] // self.HOP
         lengths = torch.div(lengths, self.HOP, rounding_mode="floor")
@@ -256,6 +257,11 @@ class LogMelFrontend(nn.Module):
         mean = (x * mask).sum(-1, keepdim=True) / count
         var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / count
         x = (x - mean) / (var + 1e-5).sqrt() * mask
+        if self.training and len(self.freq_masks):
+            x = x[:, None]  # (B, 1, n_mels, F): one mask per clip
+            for masking in self.freq_masks:
+                x = masking(x)  # masked bins = 0, the utterance mean after normalisation
+            x = x[:, 0]
         for conv in (self.conv1, self.conv2):
             lengths = conv_lengths(lengths, 3, 2, 1)
             x = conv(x)
