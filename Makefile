@@ -12,7 +12,7 @@ export AVSR_THREADS ?= 2
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo parity bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py --grid-dir $(GRID_DIR) $(if $(QUICK),--quick,)
+
+# the AV-RelScore code's scorer and time fusion against ours, on make demo's models (see scripts/parity.py)
+parity: $(STAMP)
+	$(PY) scripts/parity.py
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out benchmarks

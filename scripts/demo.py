@@ -11,8 +11,9 @@ Stages (each resumable: a rerun skips what is finished and resumes a killed trai
    ``grid_unseen.json`` (written by the first run; a spec that does not match the manifest is
    rebuilt under ``--work`` with a warning);
 3. **train** ``audio``, ``video``, ``audiovisual`` and ``audiovisual_relscore`` with
-   ``configs/grid/*.yaml`` through ``train.py`` (the AV modes start from the audio model and take
-   the visual frontend of the video model, and train with corruption modelling);
+   ``configs/grid/*.yaml`` through ``train.py`` (the lip-reading model starts from the audio
+   model's encoder and decoder; the AV modes start from the audio model and take the visual
+   frontend of the video model, and train with corruption modelling);
 4. **test**: ``test.py`` on the s1 test split under every protocol condition, and on the unseen
    speakers (clean and babble at 0 dB);
 5. **aux**: audio → mouth-opening model (Pearson r on s1 test and unseen speakers) and lip-to-speech
@@ -45,6 +46,12 @@ S1_IN_LIPNET = "bbaf2n"  # GRID s1 and in s1's train split: not an unseen speake
 UNSEEN_CONDITIONS = ("clean", "babble_snr0")
 WER_KEYS = ("clean", "occlusion", "noise_blur", "occlusion_noise_blur", "babble_snr-5", "babble_snr0",
             "babble_snr5", "babble_snr10", "babble_snr15", "occlusion+babble_snr0", "occlusion+babble_snr-5")
+# Which earlier model each mode starts from (configs/grid/*.yaml name the same, as paths): the
+# lip-reading model takes the audio model's encoder and decoder (all but the frontend); the AV modes
+# take the audio model and the lip-reading model's visual frontend.
+INIT_FROM = {"video": {"train.init_from": "audio"},
+             "audiovisual": {"train.init_from": "audio", "train.init_visual_from": "video"},
+             "audiovisual_relscore": {"train.init_from": "audio", "train.init_visual_from": "video"}}
 MOUTH_ARGS = dict(channels=64, hidden=64, kernel=3, dropout=0.1)
 # Issue targets on s1 test (WER as a fraction); "<" compares two systems.
 TARGETS = [("audio", "clean", 0.03), ("video", "clean", 0.15), ("audiovisual_relscore", "clean", 0.03),
@@ -165,12 +172,11 @@ def train_stage(args: argparse.Namespace, work: Path) -> dict[str, dict]:
             log.info("%s: already trained (%s)", mode, out[mode]["checkpoint"])
             continue
         overrides = [f"data.root={work / 'grid'}", f"train.exp_dir={exp}"]
-        if mode.startswith("audiovisual"):
-            for part, key in (("audio", "train.init_from"), ("video", "train.init_visual_from")):
-                if part in out:
-                    overrides.append(f"{key}={out[part]['checkpoint']}")
-                else:
-                    overrides.append(f"{key}=''")  # that model is not part of this run: start from scratch
+        for key, part in INIT_FROM.get(mode, {}).items():
+            if part in out:
+                overrides.append(f"{key}={out[part]['checkpoint']}")
+            else:
+                overrides.append(f"{key}=''")  # that model is not part of this run: start from scratch
         if args.quick:
             overrides += [f"train.max_steps={args.steps}", f"train.eval_step={max(args.steps // 2, 1)}",
                           f"train.save_step={max(args.steps // 2, 1)}", f"train.warmup_steps={max(args.steps // 4, 1)}",

@@ -1,5 +1,6 @@
 """The GRID recipe's fixes: an audio-visual model initialised from an audio model starts as that
-audio model, and a corruption failure in a DataLoader worker skips the clip with one reason."""
+audio model, the lip-reading model starts from the audio model's encoder and decoder, and a
+corruption failure in a DataLoader worker skips the clip with one reason."""
 
 from __future__ import annotations
 
@@ -66,6 +67,26 @@ def test_av_model_from_an_audio_model_gives_its_encoder_output_when_video_is_sil
     loss = av_model.train()(batch).loss
     loss.backward()
     assert float(av_model.encoder.fusion[0].weight.grad[:, :c].abs().sum()) > 0  # ... and it learns to use video
+
+
+def test_lip_reading_model_from_an_audio_model_takes_all_but_the_frontend(grid_prepared, tmp_path):
+    """configs/grid/video.yaml starts from the audio model: Conformer, CTC head and decoder are
+    copied, the visual frontend (which the audio model has not got) starts from scratch."""
+    from avsr.training.loop import Trainer
+
+    audio = Trainer(_cfg(grid_prepared, tmp_path / "audio", "model.mode=audio", "train.max_steps=1",
+                         "train.save_step=1", "train.eval_step=100"))
+    audio_ckpt = audio.fit()
+    video_cfg = load_config(REPO / "configs" / "grid" / "video.yaml")
+    assert video_cfg.train.init_from.endswith("grid_audio/best.pt")  # what make demo maps to its audio model
+    video = Trainer(_cfg(grid_prepared, tmp_path / "video", "model.mode=video", f"train.init_from={audio_ckpt}"))
+    a, v = audio.model.state_dict(), video.model.state_dict()
+    for name, value in v.items():
+        if name.startswith(("encoder.conformer.", "ctc_head.", "decoder.")):
+            assert torch.equal(value, a[name]), name
+    assert not any(k.startswith("encoder.visual_frontend.") for k in a)
+    fresh = Trainer(_cfg(grid_prepared, tmp_path / "fresh", "model.mode=video")).model.state_dict()
+    assert not torch.equal(fresh["ctc_head.linear.weight"], a["ctc_head.linear.weight"])  # the copy did it
 
 
 def test_a_corruption_failure_in_a_worker_skips_that_clip_with_one_logged_reason(grid_prepared, capfd):
