@@ -19,7 +19,6 @@ from avsr.data.transforms import (
     Clip,
     HorizontalFlip,
     RandomCrop,
-    Resize,
     TimeMask,
     build_transform,
 )
@@ -172,22 +171,6 @@ def test_center_crop_takes_the_middle():
     assert np.allclose(out.landmarks, clip.landmarks - 4)
     with pytest.raises(ValueError, match="cannot crop"):
         CenterCrop(100)(clip, np.random.default_rng(0))
-
-
-def test_resize_scales_frames_and_keeps_landmarks_on_their_features():
-    video = np.zeros((2, 88, 88), np.uint8)
-    video[:, 40:48, 20:28] = 200  # an 8x8 bright square centred on pixel (23.5, 43.5)
-    lm = np.full((2, 20, 2), [23.5, 43.5], np.float32)
-    out = Resize(44)(Clip(video=video, landmarks=lm), np.random.default_rng(0))
-    assert out.video.shape == (2, 44, 44) and out.video.dtype == np.uint8
-    ys, xs = np.nonzero(out.video[0] == 200)
-    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 13, 20, 23)  # the square, halved
-    assert np.allclose(out.landmarks, [(10 + 13) / 2, (20 + 23) / 2])  # still at its centre
-    cfg = DataConfig(resize=44)
-    for train in (False, True):
-        assert build_transform(cfg, train)(Clip(video=np.zeros((3, 96, 96), np.uint8)), np.random.default_rng(0)).video.shape == (3, 44, 44)
-    with pytest.raises(ValueError, match="Resize"):
-        Resize(0)
 
 
 def test_time_mask_replaces_spans_with_the_mean_frame():

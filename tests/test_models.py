@@ -107,25 +107,6 @@ def test_audio_frontends_give_one_frame_per_640_samples(frontend):
         fe(audio, torch.tensor([640 * 20, 100, 640]))
 
 
-def test_logmel_frequency_masks_blank_bands_per_clip_in_training_only():
-    torch.manual_seed(0)
-    fe = LogMelFrontend(hidden=16, out_dim=24, freq_masks=2, freq_mask_bins=20)
-    seen = []
-    fe.conv1.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
-    audio, lengths = 0.1 * torch.randn(8, 640 * 20), torch.full((8,), 640 * 20)
-    fe.train()(audio, lengths)
-    fe.eval()(audio, lengths)
-    blank = [(x.abs().amax(-1) == 0) for x in seen]  # (B, n_mels): bins zero over the whole clip
-    assert not blank[1].any()  # evaluation: no masks
-    per_clip = blank[0].sum(-1)
-    assert per_clip.max() > 0 and per_clip.max() <= 2 * 19
-    assert len({tuple(row.nonzero().flatten().tolist()) for row in blank[0]}) > 1  # drawn per clip
-    kept = ~blank[0]
-    torch.testing.assert_close(seen[0][kept], seen[1][kept])  # the other bins are untouched
-    with pytest.raises(ValueError, match="freq_mask_bins"):
-        LogMelFrontend(freq_masks=1, freq_mask_bins=81)
-
-
 def test_reliability_scores_are_in_unit_interval_and_reweight():
     scorer = ReliabilityScorer(dim=16, num_layers=3, kernel_size=7)
     feats = torch.randn(2, 11, 16)

@@ -59,7 +59,6 @@ class DataConfig:
     curriculum_max_frames: Optional[int] = None  # train only on clips <= this many frames ...
     curriculum_epochs: int = 0  # ... for this many epochs
     crop_size: int = 88  # random (train) / centre (test) crop of the 96x96 ROI
-    resize: int = 0  # scale the crop to resize x resize pixels (0: keep crop_size), for a cheaper visual frontend
     hflip_prob: float = 0.5
     time_mask_max_frames: int = 10  # longest train-time time mask, frames (0 disables)
     video_mean: float = 0.421  # grayscale normalisation (after AV-RelScore)
@@ -85,8 +84,6 @@ class ModelConfig:
     visual_stem_kernel_t: int = 5  # temporal kernel of the Conv3d stem
     audio_frontend: str = "resnet1d"  # "resnet1d" (raw waveform) or "logmel"
     audio_width: int = 64
-    freq_masks: int = 0  # SpecAugment frequency masks per clip on the log-mel (logmel frontend, training only)
-    freq_mask_bins: int = 27  # widest frequency mask, mel bins (SpecAugment's LibriSpeech policy)
     frontend_dim: int = 512  # frontend output width
     # reliability scoring
     relscore_layers: int = 3

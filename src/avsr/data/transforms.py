@@ -10,11 +10,11 @@ landmark-driven consumers (occluders, mouth-opening targets) stay on the lips.
 
 Pipelines (:func:`build_transform`):
 
-- train: random ``crop_size`` crop, optional resize to ``resize`` pixels, horizontal flip with ``hflip_prob``, scale to [0, 1],
+- train: random ``crop_size`` crop, horizontal flip with ``hflip_prob``, scale to [0, 1],
   time masking of the video (``time_mask_max_frames`` frames per second of video, replaced by the
   clip's mean frame) and of the audio (the matching span length in samples, replaced by the
   waveform mean), normalisation with ``(video_mean, video_std)``;
-- test: centre crop, the same resize, scale, normalisation.
+- test: centre crop, scale, normalisation.
 """
 
 from __future__ import annotations
@@ -117,34 +117,6 @@ class CenterCrop:
 
     def __repr__(self) -> str:
         return f"CenterCrop({self.size})"
-
-
-class Resize:
-    """Scale every frame to ``size`` x ``size`` (OpenCV area interpolation), landmarks with it.
-
-    After the crop, for a cheaper visual frontend: its cost grows with the pixels (a small
-    frontend at 56x56 costs about a third of the same at 88x88 on this CPU, ``GRID-NOTES.md``).
-    """
-
-    def __init__(self, size: int) -> None:
-        _check_size("Resize", size)
-        self.size = size
-
-    def __call__(self, clip: Clip, rng: np.random.Generator) -> Clip:
-        import cv2
-
-        h, w = clip.video.shape[1:3]
-        if (h, w) == (self.size, self.size):
-            return clip
-        video = np.stack([cv2.resize(f, (self.size, self.size), interpolation=cv2.INTER_AREA) for f in clip.video])
-        lm = clip.landmarks
-        if lm is not None:  # pixel centres: x' + 0.5 = (x + 0.5) * scale
-            scale = np.array([self.size / w, self.size / h], dtype=lm.dtype)
-            lm = (lm + 0.5) * scale - 0.5
-        return replace(clip, video=video, landmarks=lm)
-
-    def __repr__(self) -> str:
-        return f"Resize({self.size})"
 
 
 class HorizontalFlip:
@@ -265,16 +237,14 @@ class AudioTimeMask:
 
 
 def build_transform(cfg: DataConfig, train: bool) -> Compose:
-    """The train (random crop, flip, time masks) or test (centre crop) pipeline of ``cfg``, with
-    :class:`Resize` after the crop when ``cfg.resize`` is set.
+    """The train (random crop, flip, time masks) or test (centre crop) pipeline of ``cfg``.
 
     Input: a :class:`Clip` with ``uint8`` ``(T, 96, 96)`` frames; output: ``float32``
-    ``(T, S, S)`` normalised frames (``S = resize or crop_size``), landmarks in those pixels.
+    ``(T, crop_size, crop_size)`` normalised frames, landmarks in crop pixels.
     """
-    resize: list[Transform] = [Resize(cfg.resize)] if cfg.resize else []
     if not train:
-        return Compose([CenterCrop(cfg.crop_size), *resize, Scale(), Normalize(cfg.video_mean, cfg.video_std)])
-    steps: list[Transform] = [RandomCrop(cfg.crop_size), *resize]
+        return Compose([CenterCrop(cfg.crop_size), Scale(), Normalize(cfg.video_mean, cfg.video_std)])
+    steps: list[Transform] = [RandomCrop(cfg.crop_size)]
     if cfg.hflip_prob > 0:
         steps.append(HorizontalFlip(cfg.hflip_prob))
     steps.append(Scale())

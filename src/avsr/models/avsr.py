@@ -153,8 +153,7 @@ class AVSREncoder(nn.Module):
         if self.uses_audio:
             self.audio_frontend = (
                 AudioResNetFrontend(cfg.audio_width, c) if cfg.audio_frontend == "resnet1d"
-                else LogMelFrontend(8 * cfg.audio_width, c, freq_masks=cfg.freq_masks,
-                                   freq_mask_bins=cfg.freq_mask_bins)
+                else LogMelFrontend(8 * cfg.audio_width, c)
             )
         self.scorers = nn.ModuleDict()
         if cfg.mode == "audiovisual_relscore":

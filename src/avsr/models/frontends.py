@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchaudio.transforms import FrequencyMasking, MelSpectrogram
+from torchaudio.transforms import MelSpectrogram
 
 from avsr.models.masking import check_lengths, conv_lengths, lengths_to_mask
 
@@ -216,24 +216,13 @@ class LogMelFrontend(nn.Module):
         hidden: channels of the convolutions.
         out_dim: output feature size.
         n_mels: mel bins.
-        freq_masks: SpecAugment frequency masks per clip in training (Park et al. 2019; 0: none),
-            each of ``[0, freq_mask_bins)`` bins drawn uniformly, set to the utterance mean.
-        freq_mask_bins: the widest mask (LibriSpeech policy: 27 of 80 bins).
-
-    Raises ValueError on a non-positive size or a mask outside ``[1, n_mels]`` bins.
     """
 
     HOP = 160
 
-    def __init__(self, hidden: int = 512, out_dim: int = 512, n_mels: int = 80, freq_masks: int = 0,
-                 freq_mask_bins: int = 27) -> None:
+    def __init__(self, hidden: int = 512, out_dim: int = 512, n_mels: int = 80) -> None:
         super().__init__()
         _check_positive(hidden=hidden, out_dim=out_dim, n_mels=n_mels)
-        if freq_masks < 0 or (freq_masks and not 0 < freq_mask_bins <= n_mels):
-            raise ValueError(f"freq_masks must be >= 0 and freq_mask_bins in [1, {n_mels}], got "
-                             f"{freq_masks}, {freq_mask_bins}")
-        # SpecAugment frequency masks (Park et al. 2019), training only; LibriSpeech policy F = 27
-        self.freq_masks = nn.ModuleList(FrequencyMasking(freq_mask_bins, iid_masks=True) for _ in range(freq_masks))
         self.mel = MelSpectrogram(16000, n_fft=512, win_length=400, hop_length=self.HOP, n_mels=n_mels,
                                   center=True, pad_mode="constant")
         self.conv1 = nn.Sequential(nn.Conv1d(n_mels, hidden, 3, 2, 1, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))
@@ -257,11 +246,6 @@ class LogMelFrontend(nn.Module):
         mean = (x * mask).sum(-1, keepdim=True) / count
         var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / count
         x = (x - mean) / (var + 1e-5).sqrt() * mask
-        if self.training and len(self.freq_masks):
-            x = x[:, None]  # (B, 1, n_mels, F): one mask per clip
-            for masking in self.freq_masks:
-                x = masking(x)  # masked bins = 0, the utterance mean after normalisation
-            x = x[:, 0]
         for conv in (self.conv1, self.conv2):
             lengths = conv_lengths(lengths, 3, 2, 1)
             x = conv(x)
