@@ -343,7 +343,7 @@ class Trainer:
                              f"model (mode {self.cfg.model.mode}) fit; is it a model with the same {prefix[:-1]}?")
         model.load_state_dict(usable, strict=False)
         log.info("initialised %d of %d tensors from %s (%d in the checkpoint did not fit)",
-                 len(usable), len(own), path, len(source) - len(usable))
+                 len(usable), len(own), path, sum(k not in usable for k in source))
 
     def _split_rows(self, root: Path) -> tuple[list, list]:
         """Train and validation rows: ``<val_split>.tsv``, else ``val_holdout`` train clips, else none."""
