@@ -60,3 +60,19 @@ def test_quick_demo_writes_the_report_and_results_file_and_resumes(grid_dir, lip
     stamps = {m: p.stat().st_mtime_ns for m, p in ckpts.items()}
     assert demo.main(argv) == 0
     assert {m: p.stat().st_mtime_ns for m, p in ckpts.items()} == stamps
+
+
+def test_parity_needs_the_demo_models_and_says_which_are_missing(tmp_path, caplog, monkeypatch):
+    import avsr.utils
+
+    monkeypatch.setattr(avsr.utils, "setup_logging", lambda *a, **k: None)  # keep pytest's log capture
+    spec = importlib.util.spec_from_file_location("parity", REPO / "scripts" / "parity.py")
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    (tmp_path / "exp" / "audio").mkdir(parents=True)
+    (tmp_path / "exp" / "audio" / "best.pt").write_bytes(b"")
+    with caplog.at_level("ERROR"):
+        assert parity.main(["--work", str(tmp_path), "--bench", str(tmp_path / "p.json")]) == 2
+    assert "run make demo first" in caplog.text and "exp/video/best.pt" in caplog.text
+    assert "exp/audio/" not in caplog.text
+    assert not (tmp_path / "p.json").exists()
