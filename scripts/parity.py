@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"train.exp_dir={exp}", f"train.init_from={demo['audio']}",
                    f"train.init_visual_from={demo['video']}", *overrides]
             _run(cmd + (["--resume"] if any(exp.glob("step-*.pt")) else []))
-            ckpt.write_bytes((exp / "best.pt").read_bytes())
+            shutil.copyfile(exp / "best.pt", ckpt)
             minutes[name] = round((time.perf_counter() - t0) / 60, 2)
         systems.append(ckpt)
     out = results / "results.json"
