@@ -12,7 +12,7 @@ export AVSR_THREADS ?= 2
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: install test demo parity bench clean
+.PHONY: install test demo parity adapt bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: $(STAMP)
 # the AV-RelScore code's scorer and time fusion against ours, on make demo's models (see scripts/parity.py)
 parity: $(STAMP)
 	$(PY) scripts/parity.py
+
+# make demo's s1 models adapted to GRID s4, against zero-shot and from scratch (see scripts/adapt.py)
+adapt: $(STAMP)
+	$(PY) scripts/adapt.py
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out benchmarks

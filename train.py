@@ -40,7 +40,8 @@ log = logging.getLogger("train")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (may name _base_ files)")
+    p.add_argument("--config", action="append",
+                   help="YAML config (may name _base_ files); repeat to merge several, later ones win")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=5e-4")
     p.add_argument("--seed", type=int, help="random seed (config key 'seed')")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",

@@ -70,6 +70,12 @@ def lipnet_dir() -> Path:
     return _require(real_data_dir() / "grid_lipnet_samples", "GRID unseen-speaker clips")
 
 
+@pytest.fixture(scope="session")
+def s4_dir() -> Path:
+    """GRID s4 (a speaker no s1 model has seen): adapt on ``split_adapt.txt``, report on ``split_test.txt``."""
+    return _require(real_data_dir() / "grid_s4_vid2speech", "GRID s4 clips")
+
+
 # GRID s1 clips of the `grid_prepared` corpus: six train clips (lgbf8n starts with 12 grey
 # frames, lrae3s decodes to 74 frames) and three test clips.
 GRID_PREPARED_CLIPS = {

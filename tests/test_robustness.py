@@ -417,3 +417,19 @@ def test_variable_frame_rate_video_is_resampled_to_25fps(tmp_path, grid_dir):
     frames, audio, meta = load_clip(out, row)
     assert len(frames) in (74, 75) and frames.shape[1:] == (96, 96) and len(audio) == 640 * len(frames)
     assert meta["face_detected"].mean() > 0.9
+
+
+def test_a_corrupt_audio_packet_becomes_silence_of_its_length_and_too_many_are_refused(s4_dir, caplog, monkeypatch):
+    import avsr.data.media as media
+
+    clip = s4_dir / "video" / "bbaf2a.mpg"  # MP2 packet 104 of 112 does not decode (GRID s4 test split)
+    with caplog.at_level(logging.WARNING, logger="avsr.data.media"):
+        wave = read_audio(clip)
+    assert "1 of 112 audio packets undecodable" in caplog.text
+    # the concealed packet keeps its place: within one MP2 frame (1152 samples at 44.1 kHz, the
+    # decoder's delay) of the 112 packets' duration, where dropping it would lose two
+    packet = 1152 / 44100 * 16000
+    assert 112 * packet - len(wave) < packet and np.abs(wave[-16000:]).max() > 0.1
+    monkeypatch.setattr(media, "MAX_BAD_AUDIO_PACKETS", 0.0)
+    with pytest.raises(media.MediaError, match="1 of 112 packets"):
+        read_audio(clip)

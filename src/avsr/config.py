@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -151,6 +151,8 @@ class TrainConfig:
     log_step: int = 20
     init_from: str = ""  # initialise weights (not optimiser) from a checkpoint, where names and shapes fit
     init_visual_from: str = ""  # then the visual frontend from this one (e.g. a lip-reading model, for AV)
+    freeze: list[str] = field(default_factory=list)  # parts kept as they are: module names (encoder.scorers),
+    # or "frontends" for every frontend of the mode; no gradient, and run in eval mode (BatchNorm statistics fixed)
     device: str = "auto"  # "auto" (GPU of this rank if any, else CPU), "cpu", "cuda", "cuda:N"
     find_unused_parameters: bool = False  # DDP option for models with parameters a mode leaves unused
 
@@ -231,14 +233,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides.
+def load_config(path: str | Path | Sequence[str | Path] | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from defaults, optional YAML files and ``key=value`` overrides.
+
+    ``path`` is one file or several, merged in order (a later file wins: a recipe, then an overlay
+    such as ``configs/grid/adapt_all.yaml``).
 
     Raises :class:`ConfigError` (a ``ValueError``) for an unknown key (listing the valid ones),
     a value of the wrong type, a malformed override, or a mode not in :data:`MODES`.
     """
     merged = OmegaConf.structured(Config)
-    layers = _read_yaml(Path(path)) if path else []
+    paths = [] if not path else [path] if isinstance(path, (str, Path)) else list(path)
+    layers = [layer for p in paths for layer in _read_yaml(Path(p))]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")

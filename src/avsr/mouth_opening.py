@@ -164,12 +164,15 @@ def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float
 
 
 def train_mouth_model(train: MouthData, model_args: dict, cfg: MouthTrainConfig,
-                      unlabelled: Optional[MouthData] = None) -> tuple[AudioMouthOpening, dict]:
+                      unlabelled: Optional[MouthData] = None,
+                      init: Optional[AudioMouthOpening] = None) -> tuple[AudioMouthOpening, dict]:
     """Train an :class:`AudioMouthOpening` (``build_mouth_model(**model_args)``) on ``train``.
 
     Input and target normalisation are taken from ``train``. With ``cfg.mean_teacher_weight > 0``
     the EMA teacher is returned (it is the better model); ``unlabelled`` audio (default: the
-    training audio) feeds its consistency term.
+    training audio) feeds its consistency term. ``init`` (a model of the same ``model_args``)
+    fine-tunes: training starts from its weights, with the normalisation of ``train`` (a new
+    speaker's voice and mouth).
 
     Returns:
         ``(model in eval mode, history)`` with ``history = {"loss": [...], "step_time_median_s": ...}``.
@@ -181,6 +184,8 @@ def train_mouth_model(train: MouthData, model_args: dict, cfg: MouthTrainConfig,
         raise ValueError("no training utterances")
     seed_everything(cfg.seed)
     model = build_mouth_model(**model_args)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     model.set_stats(*_feature_stats(train))
     model.train()
     teacher = None

@@ -13,6 +13,7 @@ and LRS's H.264), else BT.601 luma computed from RGB.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,6 +27,7 @@ import soundfile as sf
 
 VIDEO_EXTENSIONS = (".mp4", ".mpg", ".mpeg", ".avi", ".mov", ".mkv", ".webm")
 _I420 = ("yuv420p", "yuvj420p")
+log = logging.getLogger(__name__)
 
 
 class MediaError(ValueError):
@@ -43,6 +45,9 @@ class Frame:
     index: int
     gray: np.ndarray
     rgb: np.ndarray | None
+
+
+MAX_BAD_AUDIO_PACKETS = 0.05  # undecodable audio packets concealed with silence, as a fraction of all
 
 
 def _open(path: str | Path) -> av.container.InputContainer:
@@ -167,8 +172,11 @@ def read_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
 
     ``start`` (seconds, e.g. :func:`video_start_time`) re-times the result so that sample 0 is
     at that presentation time: leading silence is added when the audio starts later, samples
-    are dropped when it starts earlier. Raises :class:`MediaError` when the file is unreadable
-    or has no audio stream.
+    are dropped when it starts earlier. A packet the decoder
+    rejects (a corrupt MP2 frame, as in GRID s4's ``bbaf2a``) becomes silence of its duration, as
+    ffmpeg's error concealment does, so later audio keeps its timing (logged as a warning). Raises
+    :class:`MediaError` when the file is unreadable, has no audio stream, or more than
+    :data:`MAX_BAD_AUDIO_PACKETS` of its packets (a fraction) cannot be decoded.
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
@@ -176,16 +184,31 @@ def read_audio(path: str | Path, sample_rate: int = 16000, start: float | None =
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         chunks: list[np.ndarray] = []
         first_time = None
+        packets, bad = 0, []
         try:
-            for frame in container.decode(stream):
-                if first_time is None and frame.time is not None:
-                    first_time = frame.time
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
+            for packet in container.demux(stream):
+                packets += 1
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError as exc:
+                    seconds = float(packet.duration * packet.time_base) if packet.duration and packet.time_base else 0.0
+                    chunks.append(np.zeros(int(round(seconds * sample_rate)), np.float32))
+                    bad.append(f"packet {packets} ({exc})")
+                    continue
+                for frame in frames:
+                    if first_time is None and frame.time is not None:
+                        first_time = frame.time
+                    for out in resampler.resample(frame):
+                        chunks.append(out.to_ndarray().reshape(-1))
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
         except av.error.FFmpegError as exc:
             raise MediaError(f"{path}: audio decoding failed ({exc})") from None
+    if len(bad) > MAX_BAD_AUDIO_PACKETS * packets:
+        raise MediaError(f"{path}: audio decoding failed in {len(bad)} of {packets} packets (first: {bad[0]})")
+    if bad:
+        log.warning("%s: %d of %d audio packets undecodable, replaced by silence (first: %s)", path, len(bad),
+                    packets, bad[0])
     wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if start is not None and first_time is not None:
         shift = int(round((first_time - start) * sample_rate))

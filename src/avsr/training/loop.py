@@ -119,6 +119,37 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
+def freeze_parts(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """Keep the parts ``names`` of ``model`` as they are while the rest trains (fine-tuning).
+
+    A name is a module path of ``model`` (``encoder.scorers``) or ``"frontends"``, every frontend
+    the model's mode has (``encoder.visual_frontend``, ``encoder.audio_frontend``). Their
+    parameters get ``requires_grad=False`` and the modules run in eval mode even inside a model in
+    training mode (a forward pre-hook), so BatchNorm statistics and dropout stay fixed too.
+    Returns the module paths frozen; raises ``ValueError`` for a name the model lacks.
+    """
+    modules = dict(model.named_modules())
+    paths: list[str] = []
+    for name in names:
+        if name == "frontends":
+            paths += [p for p in ("encoder.visual_frontend", "encoder.audio_frontend") if p in modules]
+        elif name in modules and name:
+            paths.append(name)
+        else:
+            parts = sorted(p for p in modules if p and "." not in p.removeprefix("encoder."))
+            raise ValueError(f"train.freeze: the model has no part '{name}'; it has: frontends, {', '.join(parts)}")
+    for path in paths:
+        module = modules[path]
+        module.requires_grad_(False)
+        module.register_forward_pre_hook(_stay_in_eval_mode)
+    return paths
+
+
+def _stay_in_eval_mode(module: torch.nn.Module, _args) -> None:
+    if module.training:
+        module.eval()
+
+
 def _worker_init(worker_id: int) -> None:
     """One torch thread per DataLoader worker (the main process trains with the others) and
     seeded NumPy/Python generators (augmentation itself uses per-sample generators). OpenCV
@@ -274,6 +305,11 @@ class Trainer:
         train_rows, val_rows = self._split_rows(root)
         if state is not None:
             self.tokenizer = tokenizer_from_state(state)
+        elif tcfg.init_from and not cfg.text.model_path:
+            # fine-tuning keeps the output symbols of the model it starts from (a new corpus, e.g.
+            # 25 clips of another GRID speaker, may lack some characters and shift every id)
+            self.tokenizer = tokenizer_from_state(load_checkpoint(tcfg.init_from))
+            log.info("tokenizer of %s (%d ids)", tcfg.init_from, self.tokenizer.vocab_size)
         else:
             self.tokenizer = self._build_tokenizer([r.transcript for r in train_rows])
 
@@ -283,6 +319,10 @@ class Trainer:
                 self._init_weights(model, tcfg.init_from)
             if tcfg.init_visual_from:
                 self._init_weights(model, tcfg.init_visual_from, prefix=VISUAL_FRONTEND)
+        if tcfg.freeze:
+            frozen = freeze_parts(model, tcfg.freeze)
+            log.info("frozen: %s (%d parameters)", ", ".join(frozen), sum(
+                p.numel() for p in model.parameters() if not p.requires_grad))
         self.model = wrap_model(model, self.env, tcfg.find_unused_parameters)
         torch.manual_seed(cfg.seed + self.env.rank)  # same weights everywhere, different dropout per rank
         self.optimizer = build_optimizer(unwrap(self.model), tcfg)
