@@ -37,7 +37,7 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import demo  # noqa: E402
-from demo import MODES, MOUTH_ARGS, _git_commit, _pct, _r, _read_json, _run, _write_json  # noqa: E402
+from demo import MODES, MOUTH_ARGS, _git_commit, _pct, _r, _read_json, _run, _write_json, start_script  # noqa: E402
 
 VARIANTS = {"adapt_frozen_frontends": "configs/grid/adapt_frozen_frontends.yaml",
             "adapt_all": "configs/grid/adapt_all.yaml",
@@ -171,11 +171,7 @@ def write_report(args: argparse.Namespace, bench: dict) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO / "src"))
-    from avsr.utils import set_num_threads, setup_logging
-
-    setup_logging()
-    set_num_threads()
+    start_script()
     t0 = time.perf_counter()
     wer: dict = {m: {} for m in args.modes}
     minutes: dict = {}

@@ -80,6 +80,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- helpers
+def start_script() -> None:
+    """What every study script (demo, parity, adapt) does first: idle OpenMP threads sleep (set
+    before torch loads, as ``train.py`` does), the library on the path, logging, 2 CPU threads."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.path.insert(0, str(REPO / "src"))
+    from avsr.utils import set_num_threads, setup_logging
+
+    setup_logging()
+    set_num_threads()
+
+
 def _run(cmd: list[str]) -> None:
     """Run a project CLI with this interpreter from the repository root; RuntimeError if it fails."""
     log.info("$ %s", " ".join(cmd))
@@ -353,11 +364,7 @@ def write_report(results: Path, bench: dict, aux: dict, prep: dict, sheet: Optio
 # ----------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO / "src"))
-    from avsr.utils import set_num_threads, setup_logging
-
-    setup_logging()
-    set_num_threads()
+    start_script()
     suffix = "_quick" if args.quick else ""
     work = Path(args.work or REPO / f"runs/grid{suffix}").resolve()
     results = Path(args.results or REPO / f"results/grid{suffix}").resolve()

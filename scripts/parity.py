@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from demo import _git_commit, _read_json, _run, _write_json  # noqa: E402
+from demo import _git_commit, _read_json, _run, _write_json, start_script  # noqa: E402
 
 VARIANTS = {"reference_scorer": ["model.relscore_variant=reference"], "time_fusion": ["model.fusion=time"]}
 CONDITIONS = ("clean", "babble_snr0", "occlusion+babble_snr0")
@@ -43,11 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(REPO / "results/grid_parity"))
     p.add_argument("--bench", default=str(REPO / "benchmarks/grid_parity.json"))
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO / "src"))
-    from avsr.utils import set_num_threads, setup_logging
-
-    setup_logging()
-    set_num_threads()
+    start_script()
     work, results = Path(args.work).resolve(), Path(args.results).resolve()
     demo = {m: work / "exp" / m / "best.pt" for m in ("audio", "video", "audiovisual", "audiovisual_relscore")}
     missing = [str(c) for c in demo.values() if not c.is_file()]

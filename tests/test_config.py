@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from avsr.config import ConfigError, from_dict, load_config, save_config, to_dict
@@ -21,6 +23,18 @@ def test_yaml_base_chain_and_overrides(tmp_path):
     assert cfg.model.num_layers == 4  # the child file wins
     assert cfg.train.lr == pytest.approx(5e-4)  # the override wins
     assert cfg.corruption.snr_db == [0.0, 5.0]
+
+
+def test_several_files_merge_in_order_as_a_recipe_and_an_overlay():
+    # make adapt's use: a mode's recipe, then the fine-tuning overlay, then overrides
+    grid = Path(__file__).resolve().parents[1] / "configs" / "grid"
+    cfg = load_config([grid / "video.yaml", grid / "adapt_frozen_frontends.yaml"], ["train.lr=1e-4"])
+    assert cfg.model.mode == "video" and cfg.model.ctc_weight == pytest.approx(0.1)  # the recipe's
+    assert cfg.data.train_split == "adapt" and cfg.train.max_steps == 100 and cfg.train.freeze == ["frontends"]
+    assert cfg.train.init_from.endswith("grid_audio/best.pt")  # the recipe's, until the overlay's caller sets it
+    assert cfg.train.lr == pytest.approx(1e-4)
+    scratch = load_config([grid / "video.yaml", grid / "adapt_scratch.yaml"])
+    assert scratch.train.init_from == "" and scratch.train.max_steps == cfg.train.max_steps
 
 
 @pytest.mark.parametrize(
