@@ -61,6 +61,7 @@ OPTIMIZERS = ("adamw", "adam")
 
 
 VISUAL_FRONTEND = "encoder.visual_frontend."  # state-dict prefix of the visual frontend
+AUDIO_FRONTEND = "encoder.audio_frontend"  # module path of the audio frontend
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,7 +133,7 @@ def freeze_parts(model: torch.nn.Module, names: list[str]) -> list[str]:
     paths: list[str] = []
     for name in names:
         if name == "frontends":
-            paths += [p for p in ("encoder.visual_frontend", "encoder.audio_frontend") if p in modules]
+            paths += [p for p in (VISUAL_FRONTEND.rstrip("."), AUDIO_FRONTEND) if p in modules]
         elif name in modules and name:
             paths.append(name)
         else:
@@ -303,20 +304,21 @@ class Trainer:
 
         root = Path(dcfg.root)
         train_rows, val_rows = self._split_rows(root)
+        init = load_checkpoint(tcfg.init_from) if state is None and tcfg.init_from else None
         if state is not None:
             self.tokenizer = tokenizer_from_state(state)
-        elif tcfg.init_from and not cfg.text.model_path:
+        elif init is not None and not cfg.text.model_path:
             # fine-tuning keeps the output symbols of the model it starts from (a new corpus, e.g.
             # 25 clips of another GRID speaker, may lack some characters and shift every id)
-            self.tokenizer = tokenizer_from_state(load_checkpoint(tcfg.init_from))
+            self.tokenizer = tokenizer_from_state(init)
             log.info("tokenizer of %s (%d ids)", tcfg.init_from, self.tokenizer.vocab_size)
         else:
             self.tokenizer = self._build_tokenizer([r.transcript for r in train_rows])
 
         model = make_model(cfg.model, self.tokenizer.vocab_size)
         if state is None:
-            if tcfg.init_from:
-                self._init_weights(model, tcfg.init_from)
+            if init is not None:
+                self._init_weights(model, tcfg.init_from, ckpt=init)
             if tcfg.init_visual_from:
                 self._init_weights(model, tcfg.init_visual_from, prefix=VISUAL_FRONTEND)
         if tcfg.freeze:
@@ -366,11 +368,12 @@ class Trainer:
         data = build_tokenizer(self.cfg.text, transcripts).to_bytes() if self.env.is_main else None
         return from_bytes(broadcast_object(data, self.env))
 
-    def _init_weights(self, model: torch.nn.Module, path: str, prefix: str = "") -> None:
-        """Copy the weights of checkpoint ``path`` whose names (starting with ``prefix``) and shapes
-        match ``model``'s. With a ``prefix``, all of the model's tensors under it must fit, else
-        ``ValueError`` (a part copied only in places would be a silently different network)."""
-        ckpt = load_checkpoint(path)
+    def _init_weights(self, model: torch.nn.Module, path: str, prefix: str = "", ckpt: Optional[dict] = None) -> None:
+        """Copy the weights of checkpoint ``path`` (``ckpt`` when already read) whose names (starting
+        with ``prefix``) and shapes match ``model``'s. With a ``prefix``, all of the model's tensors
+        under it must fit, else ``ValueError`` (a part copied only in places would be a silently
+        different network)."""
+        ckpt = ckpt if ckpt is not None else load_checkpoint(path)
         source = ckpt["model"]
         own = model.state_dict()
         usable = {k: v for k, v in source.items()
