@@ -23,7 +23,6 @@ Keep it under ~5 minutes on the 2-core machine once ``--work`` holds the preproc
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -40,7 +39,8 @@ from avsr.evaluation.aux_metrics import curve_metrics
 from avsr.lip2speech import train_eval_lip2speech
 from avsr.mouth_opening import (MouthData, MouthTrainConfig, energy_envelope_curves, evaluate_mouth_model,
                                 load_mouth_data, train_mouth_model)
-from avsr.utils import atomic_write_text, real_data_dir, set_num_threads
+from avsr.utils import real_data_dir, set_num_threads
+from quiet import BenchRun
 
 log = logging.getLogger("bench_aux")
 
@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     set_num_threads()
     work = Path(args.work)
     data_dir = Path(args.data) if args.data else real_data_dir()
-    t0 = time.perf_counter()
+    run = BenchRun.start()
     report: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                "python": platform.python_version(), "load_avg_start": os.getloadavg()}}
+                                "python": platform.python_version()}}
     report["data"] = prepare(work, data_dir, args.workers)
     train = load_mouth_data(work / "grid", "train")
     evals = {"s1_test": load_mouth_data(work / "grid", "test"), "unseen": load_mouth_data(work / "unseen", "unseen")}
@@ -128,11 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         report["lip2speech"]["s1_test"] = report["lip2speech"].pop("test")
         log.info("lip-to-speech s1 test: STOI %.3f, ESTOI %.3f", report["lip2speech"]["s1_test"]["stoi"],
                  report["lip2speech"]["s1_test"]["estoi"])
-    report["machine"]["load_avg_end"] = os.getloadavg()
-    report["total_seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out) / "aux.json"
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
-    log.info("wrote %s (%.0f s)", out, report["total_seconds"])
+    run.write(out, report)
+    log.info("wrote %s (%.0f s)", out, report["run"]["wall_s"])
     return 0
 
 

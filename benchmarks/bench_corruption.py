@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ from avsr.corruption import (
     sample_audio_spec,
     sample_visual_spec,
 )
-from avsr.utils import atomic_write_text, set_num_threads
+from avsr.utils import set_num_threads
+from quiet import BenchRun
 
 
 def _clip(rng: np.random.Generator, T: int = 75) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=50)
     args = p.parse_args(argv)
     set_num_threads()
+    run = BenchRun.start()
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     bank = OccluderBank.builtin()
@@ -73,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                                             source), args.repeats)
     report = {"what": "corruption cost per clip (75 frames 96x96 / 48000 samples), spec sampling + rendering",
               "machine": platform.processor() or platform.machine(), "threads": 2,
-              "load_avg_1min": round(os.getloadavg()[0], 2),  # other jobs on the machine inflate the times
               "results": results}
-    out = Path(args.out) / "corruption.json"
-    atomic_write_text(out, json.dumps(report, indent=1) + "\n")
+    run.write(Path(args.out) / "corruption.json", report)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -18,8 +18,8 @@ Writes ``<out>/decoding.json``::
                  greedy CTC and beam 10 / 40 (best run); ``encode_s`` is the encoder's share
 
 Untrained models with the <eos> logit pushed down (so every run does the same number of steps);
-torch uses 2 threads, this project's CPU budget. Timings on a shared machine are noisy: the load
-average at the start and end is recorded. Run: ``.venv/bin/python benchmarks/bench_decoding.py --out benchmarks``.
+torch uses 2 threads, this project's CPU budget. The run waits for a quiet machine and records its
+load, wall and CPU time (``benchmarks/quiet.py``). Run: ``.venv/bin/python benchmarks/bench_decoding.py --out benchmarks``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from avsr.data.batch import Batch  # noqa: E402
 from avsr.decoding import BeamSearch, Recognizer  # noqa: E402
 from avsr.models import build_model  # noqa: E402
 from decoding_reference import reference_beam_search  # noqa: E402
+from quiet import BenchRun  # noqa: E402
 
 V = 41
 FRAMES = 75  # 3 s at 25 fps
@@ -154,19 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("AVSR_THREADS", "2")))
-    load_start = os.getloadavg()
+    run = BenchRun.start()
     steps, speedup = bench_steps(args.repeats)
     rtf = {size: bench_rtf(size, 1 if size == "base" else args.repeats) for size in ("tiny", "base")}
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                          "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "torch": torch.__version__},
+                          "torch": torch.__version__},
               "setup": {"vocab": V, "frames": FRAMES, "forced_steps": TOKENS + 1, "ctc_weight": 0.1,
                         "espnet_reference_ms": ESPNET_MS},
               "step_ms": steps, "batched_vs_reference": speedup, "rtf": rtf}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from avsr.utils import atomic_write_text
-
-    atomic_write_text(out / "decoding.json", json.dumps(result, indent=2) + "\n")
+    run.write(Path(args.out) / "decoding.json", result)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -17,7 +17,6 @@ epoch by the DataLoader).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,8 @@ from avsr.config import PreprocessConfig, load_config
 from avsr.data.corpora import discover
 from avsr.data.preprocess import preprocess
 from avsr.training.loop import Trainer
-from avsr.utils import atomic_write_text, real_data_dir, set_num_threads
+from avsr.utils import real_data_dir, set_num_threads
+from quiet import BenchRun
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_MB_PER_1000 = 20.0
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         f"train.max_steps={args.steps}", "train.epochs=100000", f"train.eval_step={max(args.steps // 4, 1)}",
         f"train.save_step={max(args.steps // 2, 1)}", "train.log_step=100", "train.warmup_steps=50"])
     shutil.rmtree(work / "exp", ignore_errors=True)  # a fresh run every time
+    run = BenchRun.start()
     trainer = Trainer(cfg)
     samples: list[tuple[int, float]] = []
     stop = threading.Event()
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     slope = float(np.polyfit(steps[late], rss[late], 1)[0] * 1000) if late.sum() > 2 and np.ptp(steps[late]) > 0 else None
     result = {
         "what": "RSS of the training process over tiny audiovisual_relscore steps (corruption on, 2 workers)",
-        "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+        "machine": {"cpus": os.cpu_count()},
         "steps": trainer.step, "seconds": round(seconds, 1), "samples": len(samples),
         "rss_mb": {"start": round(float(rss[0]), 1), "peak": round(float(rss.max()), 1),
                    "end": round(float(rss[-1]), 1)},
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "trace": [[int(s), round(float(r), 1)] for s, r in samples[:: max(len(samples) // 100, 1)]],
     }
     out = Path(args.out) / "memory.json"
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    run.write(out, result)
     log.info("RSS %.0f -> %.0f MB (peak %.0f) over %d steps; slope %s MB/1000 steps; wrote %s", rss[0], rss[-1],
              rss.max(), trainer.step, result["slope_mb_per_1000_steps_second_half"], out)
     return 0

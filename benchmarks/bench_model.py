@@ -15,8 +15,9 @@ For ``configs/model/base.yaml`` and ``configs/model/tiny.yaml`` in ``audiovisual
 - ``peak_rss_gb``: ``ru_maxrss`` of the subprocess after the fp32 training and inference runs.
 
 And our Conformer against ``torchaudio.models.Conformer`` of the base size (12 x d256, 4 heads,
-FFN 2048, kernel 31), training steps interleaved in one process. The machine is shared: the
-load average is recorded, and medians of several steps are reported.
+FFN 2048, kernel 31), training steps interleaved in one process. The run waits for a quiet
+machine and records its load, wall and CPU time (``benchmarks/quiet.py``); medians of several steps
+are reported.
 
     python benchmarks/bench_model.py --out benchmarks     # writes benchmarks/model.json
 """
@@ -173,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.steps)))
         return 0
 
-    from avsr.utils import atomic_write_text
+    from quiet import BenchRun
 
+    run = BenchRun.start()
     report: dict = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                    "torch": torch.__version__, "loadavg_start": os.getloadavg()},
+                    "torch": torch.__version__},
         "setup": {"mode": "audiovisual_relscore", "batch": 2, "frames": FRAMES, "samples": SAMPLES,
                   "tokens": TOKENS, "optimizer": "AdamW(fused=True)", "steps": args.steps},
         "configs": {},
@@ -192,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         report["configs"][name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{name}: {report['configs'][name]}", flush=True)
     report["conformer"] = conformer_vs_torchaudio(args.steps)
-    report["machine"]["loadavg_end"] = os.getloadavg()
     base = report["configs"]["base"]
     report["targets"] = TARGETS
     report["meets_targets"] = {
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "conformer_vs_torchaudio": report["conformer"]["ratio"] <= TARGETS["conformer_vs_torchaudio"],
     }
     out = Path(args.out) / "model.json"
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    run.write(out, report, threads=args.threads)
     print(f"conformer: {report['conformer']}\nmeets targets: {report['meets_targets']}\nwrote {out}")
     return 0
 

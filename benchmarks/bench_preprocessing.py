@@ -11,7 +11,8 @@ resampling, and writing the .mp4 (H.264), .wav, .txt and .npz atomically, on rea
 Reported per mode and repeat: wall frames/s, CPU frames/s (frames over the process's CPU time,
 all threads; on a shared machine this is the steadier number) and wall ms per frame per stage;
 plus face mesh alone (the ceiling of the detection mode: the target is 71% of it, 285 of the
-400 frames/s that 2.5 ms/frame allows) and the load average around the run.
+400 frames/s that 2.5 ms/frame allows) and the run's load, wall and CPU time
+(``benchmarks/quiet.py``).
 Targets (issue 2, one process on the 2-core machine): >= 285 frames/s with detection (1.5x the
 auto_avsr mediapipe preparation, 190 frames/s) and >= 1000 frames/s from precomputed landmarks
 (1.5x AV-RelScore's preprocessing, 638 frames/s).
@@ -22,7 +23,6 @@ auto_avsr mediapipe preparation, 190 frames/s) and >= 1000 frames/s from precomp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -39,7 +39,8 @@ from avsr.data.corpora import discover
 from avsr.data.landmarks import FaceMeshTracker, save_landmarks
 from avsr.data.media import iter_video
 from avsr.data.preprocess import preprocess
-from avsr.utils import atomic_write_text, real_data_dir
+from avsr.utils import real_data_dir
+from quiet import BenchRun
 
 TARGETS = {"detection": 285.0, "precomputed": 1000.0}
 REFERENCES = {"detection": "auto_avsr mediapipe preparation: 190 frames/s",
@@ -107,7 +108,7 @@ def main() -> None:
     cv2.setNumThreads(1)  # one worker = one compute thread (FFmpeg decode and mediapipe keep theirs)
 
     grid = Path(args.grid_dir)
-    load_before = os.getloadavg()
+    run = BenchRun.start()
     with tempfile.TemporaryDirectory(prefix="bench_preprocessing_") as tmp:
         tmp = Path(tmp)
         clips = [u for u in discover("grid", grid) if u.split == "train"][: args.clips]
@@ -131,15 +132,11 @@ def main() -> None:
         "clips": len(clips),
         "face_mesh_alone_cpu_ms_per_frame": round(mesh_ms, 3),
         **results,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_avg_before": [round(x, 2) for x in load_before],
-                    "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
-        "note": "one worker process; wall rates drop when other jobs share the CPU (see load_avg), "
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "note": "one worker process; wall rates drop when other jobs share the CPU (see run), "
                 "cpu_fps = frames / CPU seconds of the process (all its threads)",
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "preprocessing.json", json.dumps(report, indent=2) + "\n")
+    run.write(Path(args.out) / "preprocessing.json", report, threads=1)
     for mode in ("detection", "precomputed"):
         r = report[mode]
         print(f"{mode:12s} wall {r['median_wall_fps']:7.1f} fps, CPU {r['median_cpu_fps']:7.1f} fps "
@@ -147,7 +144,7 @@ def main() -> None:
     det = report["detection"]
     print(f"face mesh alone: {mesh_ms:.2f} CPU ms/frame (ceiling {det['mesh_ceiling_cpu_fps']:.0f} fps); detection "
           f"reaches {det['fraction_of_ceiling']:.0%} of it (target {det['target_fraction_of_ceiling']:.0%}); "
-          f"load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+          f"load average {run.load_start:.1f} -> {report['run']['load_avg_1min_end']:.1f}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ DataLoader rate is an upper bound of what it delivers during training.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -142,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, help="preprocessed corpus root with a train split (default: prepare GRID clips)")
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     args = p.parse_args(argv)
-    from avsr.utils import atomic_write_text, set_num_threads, setup_logging
+    from avsr.utils import set_num_threads, setup_logging
+
+    from quiet import BenchRun
 
     setup_logging(logging.WARNING)
     set_num_threads()
+    run = BenchRun.start()
     steps = {"tiny": 2 if args.quick else 4, "base": 1 if args.quick else 2}
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         root = args.data or prepare_corpus(Path(tmp) / "grid", 16)
@@ -166,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "training",
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-                    "load_average": [round(x, 2) for x in os.getloadavg()],
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "device": "cpu",
         "training_step": training,
@@ -174,10 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         "target": "for every training step above, its config's DataLoader delivers >= 3x the frames/s it consumes",
         "target_met": min(r["loader_over_step"] for r in training) >= 3.0,
         "notes": "standalone rates; on a 2-core CPU the workers and the training step share the cores, and "
-                 "other jobs on the machine (see load_average) slow every figure",
+                 "other jobs on the machine (see run) slow every figure",
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "training.json", json.dumps(result, indent=2) + "\n")
+    run.write(args.out / "training.json", result)
     print(f"wrote {args.out / 'training.json'}")
     return 0
 

@@ -3,7 +3,8 @@
 
 Each benchmark runs in its own process (so one that fails or runs out of memory does not take the
 others down) with ``--out <folder>``; a failure is reported with its exit status and the run goes
-on. Exit status 0 when all ran, 1 when any failed.
+on. Each waits for a quiet machine and records its load, wall and CPU time (``benchmarks/quiet.py``).
+Exit status 0 when all ran, 1 when any failed.
 
     .venv/bin/python scripts/bench.py --out benchmarks [--only model decoding]
 """
