@@ -44,6 +44,19 @@ MP_TO_68 = np.array(
      78, 81, 13, 311, 308, 402, 14, 178],  # inner lip
     dtype=np.int64)
 
+#: Face-mesh vertices kept beside the crop (``face_mesh`` in the preprocessed ``.npz``) for the
+#: lip-sync targets (:mod:`avsr.lipsync.targets`): the 40 lip vertices of mediapipe's
+#: FACEMESH_LIPS (outer ring from the subject's right corner 61 over the upper lip, then the inner
+#: ring 78..308 and back), jaw and chin, the nose (tip 1, nasion 168) and the outer and inner eye
+#: corners (33, 133, 362, 263).
+MESH_KEEP = np.array(
+    [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181, 91, 146,  # outer lip
+     78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95,  # inner lip
+     152, 148, 176, 149, 150, 136, 172, 58, 132, 377, 400, 378, 379, 365, 397, 288, 361, 199, 175,  # jaw, chin
+     1, 4, 5, 6, 168, 195, 197, 2, 98, 327,  # nose
+     33, 133, 362, 263],  # eye corners
+    dtype=np.int64)
+
 #: iBUG-68 points of the mouth (48..67), in contract order: 12 outer then 8 inner.
 MOUTH = np.arange(48, 68)
 #: Points the similarity alignment is fitted on: eye corners, nose tip, mouth corners.
@@ -77,7 +90,8 @@ class FaceMeshTracker:
 
     Call :meth:`reset` between clips so that a clip's result does not depend on the previous
     one. ``tracker(rgb)`` takes one ``(H, W, 3)`` uint8 RGB frame and returns ``(68, 2)``
-    float32 pixel coordinates, or ``None`` when no face is found. Face mesh costs ~2.5 ms per
+    float32 pixel coordinates, or ``None`` when no face is found; :meth:`detect` also returns the
+    :data:`MESH_KEEP` vertices in 3-D. Face mesh costs ~2.5 ms per
     frame on one core; the face detector runs only until a face is tracked.
     """
 
@@ -109,6 +123,14 @@ class FaceMeshTracker:
             self._warm_up()
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
+        found = self.detect(rgb)
+        return None if found is None else found[0]
+
+    def detect(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``((68, 2), (len(MESH_KEEP), 3))`` float32 for one ``(H, W, 3)`` uint8 RGB frame, or
+        ``None`` when no face is found. The 3-D points are ``(x, y)`` in pixels and mediapipe's
+        relative depth ``z`` scaled by the image width (the unit of ``x``; smaller = nearer the
+        camera). Raises ``ValueError`` for another frame shape or dtype."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB frame, got {rgb.shape} {rgb.dtype}")
         if self._seen_face:
@@ -123,7 +145,9 @@ class FaceMeshTracker:
         h, w = rgb.shape[:2]
         pts = np.array([(lm[i].x, lm[i].y) for i in MP_TO_68], dtype=np.float32)
         pts *= np.array([w, h], dtype=np.float32)
-        return pts
+        mesh = np.array([(lm[i].x, lm[i].y, lm[i].z) for i in MESH_KEEP], dtype=np.float32)
+        mesh *= np.array([w, h, w], dtype=np.float32)
+        return pts, mesh
 
     def close(self) -> None:
         self._mesh.close()

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import soundfile as sf
@@ -34,7 +35,8 @@ from tqdm import tqdm
 from avsr.config import PreprocessConfig
 from avsr.data.align import apply_affine, crop_rois, fill_gaps, longest_gap, roi_transforms
 from avsr.data.corpora import TranscriptError, Utterance, normalise_transcript
-from avsr.data.landmarks import MOUTH, FaceMeshTracker, LandmarkError, load_landmarks, mouth_opening
+from avsr.data.landmarks import (MESH_KEEP, MOUTH, FaceMeshTracker, LandmarkError, load_landmarks,
+                                 mouth_opening)
 from avsr.data.manifest import ManifestRow, write_manifest
 from avsr.data.media import (MediaError, fit_length, iter_video, read_audio, video_start_time,
                              write_gray_video, write_wav)
@@ -44,6 +46,16 @@ log = logging.getLogger(__name__)
 
 OUTPUT_EXTENSIONS = (".mp4", ".wav", ".txt", ".npz")  # written in this order; .npz marks "done"
 FAILURE_COLUMNS = ("utt_id", "split", "media", "reason")
+
+
+class MouthROI(NamedTuple):
+    """The video part of one preprocessed clip (:func:`extract_mouth_roi`)."""
+
+    rois: np.ndarray  #: (T, roi_size, roi_size) uint8 grey mouth crops at 25 fps
+    lips: np.ndarray  #: (T, 20, 2) float32 lip points in ROI pixels (iBUG 48..67)
+    face_detected: np.ndarray  #: (T,) bool
+    face_mesh: Optional[np.ndarray]  #: (T, len(MESH_KEEP), 3) float32 source pixels, NaN = no face; None
+    #: for precomputed 68-point landmarks
 
 
 class ClipFailure(Exception):
@@ -86,8 +98,10 @@ def is_done(out_root: str | Path, utt: Utterance) -> bool:
 
 
 def _landmarks_and_frames(utt: Utterance, cfg: PreprocessConfig, tracker: FaceMeshTracker | None,
-                          trust_pickles: bool, timings: dict[str, float]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Grey frames at ``cfg.fps`` and their (T, 68, 2) landmarks (NaN where no face)."""
+                          trust_pickles: bool, timings: dict[str, float]
+                          ) -> tuple[list[np.ndarray], np.ndarray, Optional[np.ndarray]]:
+    """Grey frames at ``cfg.fps``, their (T, 68, 2) landmarks (NaN where no face) and, from face
+    mesh, the (T, len(MESH_KEEP), 3) kept vertices (None for precomputed landmarks)."""
     pre = None
     if utt.landmarks is not None:
         try:
@@ -98,12 +112,14 @@ def _landmarks_and_frames(utt: Utterance, cfg: PreprocessConfig, tracker: FaceMe
         raise ValueError("a FaceMeshTracker is needed for clips without precomputed landmarks")
     grays: list[np.ndarray] = []
     points: list[np.ndarray] = []
+    meshes: list[np.ndarray] = []
     nan = np.full((68, 2), np.nan, np.float32)
+    nan_mesh = np.full((len(MESH_KEEP), 3), np.nan, np.float32)
     t_mesh = 0.0
     t0 = time.perf_counter()
     if tracker is not None:
         tracker.reset()
-    last_index, last_pts = -1, nan
+    last_index, last_pts, last_mesh = -1, nan, nan_mesh
     for frame in iter_video(utt.media, cfg.fps, rgb=pre is None):
         grays.append(frame.gray)
         if frame.index != last_index:
@@ -111,30 +127,33 @@ def _landmarks_and_frames(utt: Utterance, cfg: PreprocessConfig, tracker: FaceMe
                 last_pts = pre[frame.index] if frame.index < len(pre) else nan
             else:
                 tm = time.perf_counter()
-                found = tracker(frame.rgb)  # type: ignore[misc]
+                found = tracker.detect(frame.rgb)  # type: ignore[union-attr]
                 t_mesh += time.perf_counter() - tm
-                last_pts = found if found is not None else nan
+                last_pts, last_mesh = found if found is not None else (nan, nan_mesh)
             last_index = frame.index
         points.append(last_pts)
+        meshes.append(last_mesh)
     timings["landmarks"] = t_mesh
     timings["decode"] = time.perf_counter() - t0 - t_mesh
-    return grays, (np.stack(points) if points else np.zeros((0, 68, 2), np.float32))
+    mesh = None if pre is not None else (np.stack(meshes) if meshes else np.zeros((0, len(MESH_KEEP), 3), np.float32))
+    return grays, (np.stack(points) if points else np.zeros((0, 68, 2), np.float32)), mesh
 
 
 def extract_mouth_roi(utt: Utterance, cfg: PreprocessConfig, tracker: FaceMeshTracker | None = None,
                       trust_pickles: bool = False,
-                      timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      timings: dict[str, float] | None = None) -> MouthROI:
     """The mouth ROI of ``utt``'s video, in memory (the video part of :func:`process_clip`).
 
-    Returns ``(rois, lips, face_detected)``: (T, roi_size, roi_size) uint8 grey crops at
-    ``cfg.fps``, (T, 20, 2) float32 lip points in ROI pixels (iBUG 48..67) and (T,) bool.
+    Returns a :class:`MouthROI`: (T, roi_size, roi_size) uint8 grey crops at ``cfg.fps``, (T, 20, 2)
+    float32 lip points in ROI pixels (iBUG 48..67), (T,) bool face found, and with face mesh the
+    (T, len(MESH_KEEP), 3) kept vertices in source pixels (NaN where no face).
     Raises :class:`ClipFailure` (the reason, without the file name) for unreadable media, no
     video stream, zero length, or no face in more than ``cfg.max_missing_frac`` of the frames or
     for more than ``cfg.max_gap_frames`` in a row. ``timings`` (optional) receives stage seconds.
     """
     timings = {} if timings is None else timings
     try:
-        grays, points = _landmarks_and_frames(utt, cfg, tracker, trust_pickles, timings)
+        grays, points, mesh = _landmarks_and_frames(utt, cfg, tracker, trust_pickles, timings)
     except MediaError as exc:
         raise ClipFailure(str(exc).replace(f"{utt.media}: ", "")) from None
     n = len(grays)
@@ -153,7 +172,7 @@ def extract_mouth_roi(utt: Utterance, cfg: PreprocessConfig, tracker: FaceMeshTr
     rois = crop_rois(grays, transforms, cfg.roi_size)
     lips = apply_affine(filled[:, MOUTH], transforms)
     timings["align"] = time.perf_counter() - t0
-    return rois, lips, detected
+    return MouthROI(rois, lips, detected, mesh)
 
 
 def process_clip(utt: Utterance, out_root: str | Path, cfg: PreprocessConfig,
@@ -161,7 +180,10 @@ def process_clip(utt: Utterance, out_root: str | Path, cfg: PreprocessConfig,
     """Preprocess one utterance into ``<out_root>/<split>/<utt_id>.{mp4,wav,txt,npz}``.
 
     The ``.npz`` holds ``landmarks`` (T, 20, 2) float32 lip points in ROI pixels (iBUG 48..67),
-    ``mouth_opening`` (T,) float32 (inner-lip gap / mouth width) and ``face_detected`` (T,) bool.
+    ``mouth_opening`` (T,) float32 (inner-lip gap / mouth width) and ``face_detected`` (T,) bool;
+    with face mesh (no precomputed landmarks) also ``face_mesh`` (T, len(MESH_KEEP), 3) float32, the
+    :data:`avsr.data.landmarks.MESH_KEEP` vertices in source-image pixels with depth in the same
+    unit (NaN where no face), and ``face_mesh_ids`` (the mediapipe vertex numbers).
     A clip that cannot be used comes back with ``failure`` set (nothing written): unreadable
     media, no video or audio stream, zero length, no face in more than ``cfg.max_missing_frac``
     of the frames or for more than ``cfg.max_gap_frames`` in a row, bad transcript or landmarks.
@@ -178,7 +200,7 @@ def process_clip(utt: Utterance, out_root: str | Path, cfg: PreprocessConfig,
         if len(wave) == 0:
             raise ClipFailure("audio stream has no samples")
         res.timings["audio"] = time.perf_counter() - t0
-        rois, lips, detected = extract_mouth_roi(utt, cfg, tracker, trust_pickles, res.timings)
+        rois, lips, detected, mesh = extract_mouth_roi(utt, cfg, tracker, trust_pickles, res.timings)
         n = len(rois)
     except (ClipFailure, TranscriptError) as exc:
         res.failure = str(exc)
@@ -195,7 +217,8 @@ def process_clip(utt: Utterance, out_root: str | Path, cfg: PreprocessConfig,
         write_wav(tmp, fit_length(wave, res.n_samples), cfg.sample_rate)
     atomic_write_text(base.with_name(base.name + ".txt"), res.transcript + "\n")
     with atomic_path(base.with_name(base.name + ".npz")) as tmp:
-        np.savez(tmp, landmarks=lips, mouth_opening=mouth_opening(lips), face_detected=detected)
+        extra = {} if mesh is None else {"face_mesh": mesh, "face_mesh_ids": MESH_KEEP}
+        np.savez(tmp, landmarks=lips, mouth_opening=mouth_opening(lips), face_detected=detected, **extra)
     res.timings["write"] = time.perf_counter() - t0
     return res
 

@@ -132,8 +132,9 @@ def _video_part(path: str | Path, cfg: PreprocessConfig, required: bool) -> Opti
         utt = Utterance(utt_id=Path(path).stem, split="", media=Path(path), transcript=None)
         try:
             with FaceMeshTracker() as tracker:
-                crops, lips, detected = extract_mouth_roi(utt, cfg, tracker)
-            return {"crops": crops, "landmarks": lips, "mouth_opening": mouth_opening(lips), "face_detected": detected}
+                roi = extract_mouth_roi(utt, cfg, tracker)
+            return {"crops": roi.rois, "landmarks": roi.lips, "mouth_opening": mouth_opening(roi.lips),
+                    "face_detected": roi.face_detected}
         except ClipFailure as exc:
             problem = f"{path}: {exc}"
     if required:
