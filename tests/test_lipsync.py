@@ -119,3 +119,80 @@ def test_contact_sheet_has_one_row_per_coefficient(grid_prepared, tmp_path):
     assert sheet.main(["--data", str(grid_prepared), "--split", "test", "--out", str(out), "--per-side", "2"]) == 0
     img = cv2.imread(str(out), cv2.IMREAD_GRAYSCALE)
     assert img.shape == (26 + len(BLENDSHAPES) * (96 + sheet.CAPTION_H), sheet.LABEL_W + 4 * 96 + 12)
+
+
+def test_pronunciations_come_from_the_lexicon_and_letters_take_their_names():
+    from avsr.lipsync.visemes import PHONES, RHUBARB, SILENCE, VISEME15, pronounce, transcript_phones
+
+    assert pronounce("bin") == ["B", "IH", "N"]
+    assert pronounce("A") == ["EY"]  # the letter, not the article /AH/
+    assert transcript_phones("PLACE RED AT F") == ["P", "L", "EY", "S", "R", "EH", "D", "AE", "T", "EH", "F"]
+    with pytest.raises(ValueError, match="'blorptastic' is not in the CMU"):
+        pronounce("blorptastic")
+    # every phone and silence has a shape in both tables; bilabials are the closed shapes
+    assert set(RHUBARB) == set(VISEME15) == {*PHONES, SILENCE}
+    assert {RHUBARB[p] for p in ("P", "B", "M")} == {"A"} and {VISEME15[p] for p in ("P", "B", "M")} == {"PP"}
+
+
+def test_phone_spans_become_frame_labels_with_silence_around_and_in_long_pauses():
+    from avsr.lipsync.aligner import phone_frames
+
+    # 50 fps spike spans; video frame t takes 50 fps frame 2t. A phone starts halfway between the
+    # previous spike and its own, the first 2 frames (40 ms) before its spike; the 30-frame gap
+    # before AA is a pause (> 25): N holds 2 frames, AA starts 2 frames before its spike.
+    spans = [("B", 10, 12), ("IH", 14, 16), ("N", 18, 20), ("AA", 50, 52)]
+    labels = phone_frames(spans, 40)
+    assert labels[:4] == ["sil"] * 4
+    assert labels[4:11] == ["B", "B", "B", "IH", "IH", "N", "N"]
+    assert labels[11:24] == ["sil"] * 13
+    assert labels[24:27] == ["AA"] * 3 and labels[27:] == ["sil"] * 13
+
+
+def test_exports_round_trip(tmp_path):
+    from avsr.lipsync.export import (cues_from_frames, curves_csv, read_curves_csv, read_rhubarb_tsv,
+                                     resample_curves, rhubarb_json, rhubarb_tsv, write)
+
+    labels = ["X"] * 5 + ["A"] * 3 + ["C"] * 10 + ["X"] * 7
+    cues = cues_from_frames(labels, 25.0)
+    assert [c[2] for c in cues] == ["X", "A", "C", "X"] and cues[-1][1] == pytest.approx(1.0)
+    tsv = write(tmp_path / "t.tsv", rhubarb_tsv(cues)).read_text()
+    assert tsv.splitlines()[1] == "0.20\tA" and tsv.splitlines()[-1] == "1.00\tX"
+    assert read_rhubarb_tsv(tsv) == [(round(s, 2), round(e, 2), v) for s, e, v in cues]
+    import json
+
+    doc = json.loads(rhubarb_json(cues, "speech.wav"))
+    assert doc["metadata"] == {"soundFile": "speech.wav", "duration": 1.0}
+    assert doc["mouthCues"][2] == {"start": 0.32, "end": 0.72, "value": "C"}
+    curves = np.linspace(0, 1, 50)[:, None] * np.array([[1.0, 0.5]])
+    at60 = resample_curves(curves, 25, 60)
+    assert at60.shape == (120, 2) and at60[0, 0] == 0.0 and at60[-1, 0] == pytest.approx(1.0, abs=0.01)
+    names, times, back = read_curves_csv(curves_csv(at60, ["jawOpen", "mouthClose"], 60))
+    assert names == ["jawOpen", "mouthClose"] and times[1] == pytest.approx(1 / 60, abs=1e-4)
+    np.testing.assert_allclose(back, at60, atol=1e-4)
+    with pytest.raises(ValueError, match="empty track"):
+        cues_from_frames([])
+
+
+def test_forced_alignment_gives_every_phone_in_order_inside_the_clip(grid_prepared):
+    """The pipeline from audio to a viseme track: a phone aligner trained briefly on the prepared
+    GRID clips aligns a clip's transcript; this checks the mechanics, not the timing quality
+    (which needs the full training: scripts/train_aligner.py)."""
+    import torch
+
+    from avsr.lipsync.aligner import align, frame_visemes, load_aligner_data, phone_frames, train_phone_ctc
+    from avsr.lipsync.visemes import RHUBARB, transcript_phones
+
+    torch.set_num_threads(1)
+    data = load_aligner_data(grid_prepared, "train")
+    model = train_phone_ctc(data, steps=60, batch_size=4)
+    mel, text = data.mels[0], data.texts[0]
+    spans = align(model, mel, text)
+    assert [p for p, _, _ in spans] == transcript_phones(text)
+    starts = [s for _, s, _ in spans]
+    assert starts == sorted(starts) and all(s < e for _, s, e in spans) and spans[-1][2] <= len(mel) // 2 + 1
+    frames = phone_frames(spans, len(mel) // 4)
+    assert len(frames) == len(mel) // 4 and set(frames) <= {*transcript_phones(text), "sil"}
+    shapes = frame_visemes(frames, RHUBARB)
+    assert set(shapes) <= set("ABCDEFGHX")
+    with pytest.raises(ValueError, match="cannot hold"):
+        align(model, mel[:20], text)
