@@ -12,7 +12,7 @@ export AVSR_THREADS ?= 2
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: install test demo parity adapt bench clean
+.PHONY: install test demo parity adapt aligner bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ parity: $(STAMP)
 # make demo's s1 models adapted to GRID s4, against zero-shot and from scratch (see scripts/adapt.py)
 adapt: $(STAMP)
 	$(PY) scripts/adapt.py
+
+# the phone aligner of the lip-sync visemes on make demo's preprocessed s1 (see scripts/train_aligner.py)
+aligner: $(STAMP)
+	test -f runs/grid/grid/train.tsv || $(MAKE) demo
+	$(PY) scripts/train_aligner.py --data runs/grid/grid --grid-dir $(GRID_DIR)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out benchmarks
