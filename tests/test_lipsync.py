@@ -196,3 +196,25 @@ def test_forced_alignment_gives_every_phone_in_order_inside_the_clip(grid_prepar
     assert set(shapes) <= set("ABCDEFGHX")
     with pytest.raises(ValueError, match="cannot hold"):
         align(model, mel[:20], text)
+
+
+def test_aligner_script_trains_saves_and_reports_both_checks(grid_prepared, grid_dir, tmp_path):
+    import json
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import train_aligner
+
+    from avsr.lipsync.aligner import load_aligner
+
+    torch.set_num_threads(1)
+    bench = tmp_path / "a.json"
+    assert train_aligner.main(["--data", str(grid_prepared), "--grid-dir", str(grid_dir), "--steps", "20",
+                               "--holdout", "2", "--out", str(tmp_path / "al.pt"), "--bench", str(bench)]) == 0
+    load_aligner(tmp_path / "al.pt")
+    report = json.loads(bench.read_text())
+    assert report["train_clips"] == 4 and report["validation_holdout"]["clips"] == 2 and report["test"]["clips"] == 3
+    assert report["test"]["word_onset_ms"]["words"] == 18
+    assert 0.0 <= report["test"]["video_check_viseme15_PP_vs_aa"] <= 1.0
