@@ -339,6 +339,33 @@ def test_scorer_variants_and_fusions_keep_padding_invariance(mode, variant, fusi
     assert together.enc.shape == (3, 23, 32) and together.enc_lengths.tolist() == [23, 16, 9]
 
 
+@pytest.mark.parametrize("audio_share", [1.0, 0.0])
+def test_modality_dropout_zeroes_one_stream_in_training_only(audio_share):
+    """With every clip dropped, training-mode encoding equals encoding with that stream's frontend
+    features zeroed; eval mode ignores the option, and a single-modality model has none."""
+    torch.manual_seed(0)
+    model = build_model(small_cfg("audiovisual_relscore", modality_dropout=1.0, modality_dropout_audio=audio_share), V)
+    enc = model.encoder
+    batch = toy_batch([12, 12], size=48)
+    dropped = "audio" if audio_share else "video"
+    zero = {"audio": enc.audio_frontend, "video": enc.visual_frontend}[dropped]
+    enc.train()
+    with torch.no_grad():
+        out = enc.encode(batch.video, batch.video_lengths, batch.audio, batch.audio_lengths)
+        real_forward = zero.forward
+        zero.forward = lambda *a: tuple(x * 0 if i == 0 else x for i, x in enumerate(real_forward(*a)))
+        reference = enc.encode(batch.video, batch.video_lengths, batch.audio, batch.audio_lengths)
+        zero.forward = real_forward
+        torch.testing.assert_close(out.enc, reference.enc)
+        enc.eval()
+        kept = enc.encode(batch.video, batch.video_lengths, batch.audio, batch.audio_lengths)
+    assert not torch.allclose(kept.enc, out.enc)
+    assert (out.visual_feats if dropped == "video" else out.audio_feats).abs().sum() > 0  # aux heads see both
+    assert build_model(small_cfg("audio", modality_dropout=1.0), V).encoder.modality_dropout == 0.0
+    with pytest.raises(ValueError, match="modality_dropout must be in"):
+        build_model(small_cfg("audiovisual", modality_dropout=1.5), V)
+
+
 def test_time_fusion_is_the_reference_order():
     """``fusion=time``: Linear(C -> d), and an unpadded batch encodes as in the AV-RelScore
     reference code: Conformer(Linear(cat([video, audio], time)))[:, :T]."""

@@ -92,6 +92,11 @@ class ModelConfig:
     # audio-visual fusion in front of the Conformer
     fusion: str = "channel"  # "channel" (concat channels, Linear(2C->d)) or "time" (AV-RelScore code: video frames
                              # then audio frames in one 2T sequence, Linear(C->d), first T outputs kept)
+    # modality dropout in training (audio-visual modes; after AV-HuBERT, Shi et al. 2022, who use 0.5 / 0.5):
+    # this share of the clips loses one stream's frontend features (set to zero), the audio with
+    # probability modality_dropout_audio, else the video
+    modality_dropout: float = 0.0
+    modality_dropout_audio: float = 0.5
     # conformer encoder
     d_model: int = 256
     num_heads: int = 4

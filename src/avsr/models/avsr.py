@@ -98,6 +98,9 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.relscore_variant must be one of {', '.join(RELSCORE_VARIANTS)}, got '{cfg.relscore_variant}'")
     if cfg.fusion not in FUSIONS:
         raise ValueError(f"model.fusion must be one of {', '.join(FUSIONS)}, got '{cfg.fusion}'")
+    for name in ("modality_dropout", "modality_dropout_audio"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"model.{name} must be in [0, 1], got {getattr(cfg, name)}")
     if not 0.0 <= cfg.ctc_weight <= 1.0:
         raise ValueError(f"model.ctc_weight must be in [0, 1], got {cfg.ctc_weight}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
@@ -139,6 +142,11 @@ class AVSREncoder(nn.Module):
     model's fusion) and keeps the first ``L_b`` Conformer outputs, those of the video frames.
     Video comes first, as in the AV-RelScore reference code (``torch.cat([vid_s, aud_s], dim=1)``
     and ``out[:, :T]``), after Hong et al. 2023. Single-modality modes ignore ``cfg.fusion``.
+
+    Modality dropout (training only, audio-visual modes; after Shi et al. 2022, AV-HuBERT): a
+    share ``cfg.modality_dropout`` of the clips in a batch has one stream's frontend features set to
+    zero before scoring and fusion, the audio's with probability ``cfg.modality_dropout_audio``, else
+    the video's, so that the encoder learns to read either stream alone.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -167,6 +175,17 @@ class AVSREncoder(nn.Module):
         self.fusion = nn.Sequential(nn.Linear(in_dim, cfg.d_model), nn.Dropout(cfg.dropout))
         self.conformer = Conformer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.num_layers, cfg.conv_kernel,
                                    cfg.dropout, cfg.conv_norm)
+        self.modality_dropout = cfg.modality_dropout if n_streams == 2 else 0.0
+        self.modality_dropout_audio = cfg.modality_dropout_audio
+
+    def _drop_modality(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Zero one stream of a random ``modality_dropout`` share of the clips (training only)."""
+        b = feats["video"].shape[0]
+        device = feats["video"].device
+        drop = torch.rand(b, device=device) < self.modality_dropout
+        audio = torch.rand(b, device=device) < self.modality_dropout_audio
+        keep = {"audio": ~(drop & audio), "video": ~(drop & ~audio)}
+        return {name: f * keep[name][:, None, None].to(f.dtype) for name, f in feats.items()}
 
     def encode(
         self,
@@ -203,9 +222,10 @@ class AVSREncoder(nn.Module):
                 raise ValueError(f"video and audio lengths disagree by {int(gap)} frames (audio must be 640 samples per frame)")
         t = min(f.shape[1] for f, _ in streams.values())
         feats = {name: f[:, :t] for name, (f, _) in streams.items()}
+        kept = self._drop_modality(feats) if self.training and self.modality_dropout > 0 else feats
         reliability = {}
         fused = []
-        for name, f in feats.items():
+        for name, f in kept.items():
             if name in self.scorers:
                 f, reliability[name], _ = self.scorers[name](f, lengths)
             fused.append(f)
