@@ -43,11 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def onset_errors(spans: list[tuple[str, int, int]], words: list[tuple[float, float, str]]) -> list[float]:
     """Seconds from each word's reference onset to the start of its first phone's region (the
     same boundary rule as :func:`avsr.lipsync.aligner.phone_frames`)."""
-    from avsr.lipsync.aligner import HOLD_FRAMES, MEL_PER_VIDEO_FRAME, STRIDE
+    from avsr.lipsync.aligner import MEL_PER_VIDEO_FRAME, STRIDE, phone_starts
     from avsr.lipsync.visemes import pronounce
 
     rate = 100 / STRIDE
-    bounds = [spans[0][1] - HOLD_FRAMES] + [(spans[k - 1][2] + spans[k][1]) // 2 for k in range(1, len(spans))]
+    bounds = phone_starts(spans)
     out, k = [], 0
     for start, _, w in words:
         out.append(bounds[k] / rate - start / (100 / MEL_PER_VIDEO_FRAME))
@@ -95,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
         return 1
-    from avsr.data.manifest import ManifestRow
+    from avsr.data.manifest import read_manifest
 
-    rows = [ManifestRow(u, "", 0, 0, t) for u, t in zip(full.utt_ids, full.texts)]
-    _, held = hold_out(rows, args.holdout, load_config([REPO / "configs/grid/audio.yaml"]).seed)
+    _, held = hold_out(read_manifest(root, args.train_split), args.holdout,
+                       load_config([REPO / "configs/grid/audio.yaml"]).seed)  # the GRID recipe's hold-out
     held_ids = {r.utt_id for r in held}
     pick = [i for i, u in enumerate(full.utt_ids) if u not in held_ids]
     val_pick = [i for i, u in enumerate(full.utt_ids) if u in held_ids]

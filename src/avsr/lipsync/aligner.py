@@ -109,14 +109,6 @@ def load_aligner_data(root: str | Path, split: str) -> AlignerData:
     return data
 
 
-def _batch(mels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(m) for m in mels])
-    out = torch.zeros(len(mels), int(lengths.max()), mels[0].shape[1])
-    for i, m in enumerate(mels):
-        out[i, :len(m)] = m
-    return out, lengths
-
-
 def train_phone_ctc(data: AlignerData, steps: int = 3000, batch_size: int = 8, lr: float = 2e-3,
                     seed: int = 0) -> PhoneCTC:
     """Train a :class:`PhoneCTC` on ``data`` (Adam, one-cycle learning rate). Raises ``ValueError``
@@ -134,7 +126,8 @@ def train_phone_ctc(data: AlignerData, steps: int = 3000, batch_size: int = 8, l
     model.train()
     for step in range(steps):
         pick = torch.randint(len(data.utt_ids), (min(batch_size, len(data.utt_ids)),), generator=gen).tolist()
-        mel, lengths = _batch([data.mels[i] for i in pick])
+        mel = nn.utils.rnn.pad_sequence([data.mels[i] for i in pick], batch_first=True)
+        lengths = torch.tensor([len(data.mels[i]) for i in pick])
         lp, out_lengths = model(mel, lengths)
         tgt = [targets[i] for i in pick]
         loss = ctc(lp.transpose(0, 1), torch.cat(tgt), out_lengths, torch.tensor([len(t) for t in tgt]))
@@ -165,13 +158,19 @@ def align(model: PhoneCTC, mel: torch.Tensor, text: str) -> list[tuple[str, int,
     return [(PHONES[s.token - 1], int(s.start), int(s.end)) for s in spans]
 
 
+def phone_starts(spans: list[tuple[str, int, int]]) -> list[int]:
+    """The 50 fps frame where each phone of :func:`align`'s spans starts (before any pause rule):
+    :data:`HOLD_FRAMES` before the first spike, then halfway between consecutive spikes."""
+    return [spans[0][1] - HOLD_FRAMES] + [(spans[k - 1][2] + spans[k][1]) // 2 for k in range(1, len(spans))]
+
+
 def phone_frames(spans: list[tuple[str, int, int]], n_frames: int) -> list[str]:
     """The phone (or ``"sil"``) of each of ``n_frames`` 25 fps video frames from :func:`align`'s
     50 fps spans, by the rule of the module docstring; a video frame takes the label of its first
     50 fps half."""
     per = MEL_PER_VIDEO_FRAME // STRIDE
     labels = [SILENCE] * (n_frames * per)
-    bounds = [spans[0][1] - HOLD_FRAMES] + [(spans[k - 1][2] + spans[k][1]) // 2 for k in range(1, len(spans))]
+    bounds = phone_starts(spans)
     for k, (phone, start, end) in enumerate(spans):
         begin, stop = bounds[k], bounds[k + 1] if k + 1 < len(spans) else end + HOLD_FRAMES
         if k + 1 < len(spans) and spans[k + 1][1] - end > PAUSE_FRAMES:  # a pause: hold, then silence

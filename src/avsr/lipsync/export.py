@@ -7,7 +7,8 @@
 - CSV: a ``time`` column (seconds) and one column per ARKit blendshape, one row per output frame.
 
 Tracks are made at 25 fps (the video rate); :func:`resample_curves` takes curves to 24, 30 or 60
-fps by linear interpolation, and cue times are rate-free. Every writer is atomic.
+fps by linear interpolation, and cue times are rate-free. Each function returns the file's text;
+write it with :func:`avsr.utils.atomic_write_text`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
-from avsr.utils import atomic_write_text
 
 Cue = tuple[float, float, str]  # (start s, end s, shape)
 
@@ -90,11 +88,3 @@ def read_curves_csv(text: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     rows = list(csv.reader(io.StringIO(text)))
     data = np.array(rows[1:], dtype=np.float64)
     return rows[0][1:], data[:, 0], data[:, 1:]
-
-
-def write(path: str | Path, text: str) -> Path:
-    """Write an export atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-    return path
