@@ -276,6 +276,41 @@ def test_runner_reports_and_skips_an_unreadable_clip(grid_prepared, tiny_checkpo
     assert str(rows[0].file(root, ".mp4")) in caplog.text
 
 
+def test_runner_decodes_conditions_with_the_same_inputs_once(grid_prepared, tiny_checkpoint, protocol_file):
+    from dataclasses import replace
+
+    import torch
+
+    from avsr.config import DecodeConfig
+    from avsr.corruption import OccluderBank, WaveBank, load_protocol
+    from avsr.data.manifest import read_manifest
+    from avsr.decoding import Recognizer
+    from avsr.evaluation.runner import evaluate_conditions
+    from avsr.models import build_model
+    from avsr.training.checkpoint import load_model
+
+    _, tokenizer, cfg = load_model(tiny_checkpoint)
+    rows = read_manifest(grid_prepared, "test")
+    conditions = ["clean", "occlusion", "babble_snr0", "occlusion+babble_snr0"]
+    for mode, shared in (("audio", {"occlusion": "clean", "occlusion+babble_snr0": "babble_snr0"}),
+                         ("video", {"babble_snr0": "clean", "occlusion+babble_snr0": "occlusion"}),
+                         ("audiovisual", {})):
+        torch.manual_seed(0)
+        model = build_model(replace(cfg.model, mode=mode, mouth_opening_weight=0.0, lip2speech_weight=0.0),
+                            tokenizer.vocab_size).eval()
+        recognizer = Recognizer(model, tokenizer, DecodeConfig(method="greedy"))
+        calls = []
+        decode = recognizer.decode_batch
+        recognizer.decode_batch = lambda batch: calls.append(batch) or decode(batch)
+        out = evaluate_conditions(recognizer, grid_prepared, rows, load_protocol(protocol_file), conditions,
+                                  OccluderBank.builtin(), WaveBank.from_manifest(grid_prepared, "test"), cfg.data,
+                                  mode, batch_size=len(rows))
+        assert list(out) == conditions
+        assert len(calls) == len(conditions) - len(shared)
+        for cond, source in shared.items():
+            assert out[cond] is out[source]
+
+
 def test_train_lm_script_then_shallow_fusion_in_the_cli(grid_prepared, tiny_checkpoint, protocol_file, tmp_path):
     spec = importlib.util.spec_from_file_location("train_lm_cli", REPO / "scripts" / "train_lm.py")
     train_lm_cli = importlib.util.module_from_spec(spec)

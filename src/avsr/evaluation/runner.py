@@ -6,7 +6,9 @@ passed through the test transform of the model's ``DataConfig`` (centre crop, no
 collated and decoded by a :class:`~avsr.decoding.Recognizer`. Clips are batched longest first
 to limit padding. A clip that cannot be read, or whose length differs from the protocol's, is
 reported once and left out of every condition (counted in ``n_skipped``); a manifest utterance
-missing from the protocol is an error, since its corruption would be undefined.
+missing from the protocol is an error, since its corruption would be undefined. Conditions that
+give a model identical inputs (an audio model under visual corruption, a lip reader under babble)
+are decoded once and share that result, timings included.
 
 Auxiliary heads (:mod:`avsr.models.heads`), scored from the same encoder pass as the decoding
 (outside the timed decode, so ``decode_seconds`` and ``rtf`` are those of recognition alone):
@@ -183,6 +185,13 @@ def check_protocol_covers(protocol: Protocol, rows: Sequence[ManifestRow]) -> No
         log.warning("%s: %d protocol utterances are not in the manifest and are not decoded", protocol.source, extra)
 
 
+def _input_key(protocol: Protocol, condition: str, mode: str, speech: bool) -> tuple:
+    """What the inputs of a ``mode`` model under ``condition`` depend on: the corruption of each
+    stream the model reads (an audio model reads no video), and whether speech is synthesised."""
+    spec = protocol.data["conditions"][condition]
+    return (spec["visual"] if mode != "audio" else None, spec["audio"] if mode != "video" else None, speech)
+
+
 def evaluate_conditions(recognizer: Recognizer, root: str | Path, rows: Sequence[ManifestRow], protocol: Protocol,
                         conditions: Sequence[str], bank: OccluderBank, babble: Optional[Mapping[str, np.ndarray]],
                         data_cfg: DataConfig, system: str, batch_size: int,
@@ -223,7 +232,13 @@ def evaluate_conditions(recognizer: Recognizer, root: str | Path, rows: Sequence
     root = Path(root)
     transform = build_transform(data_cfg, train=False)
     encode = recognizer.tokenizer.encode
-    acc = {c: _Accumulator() for c in conditions}
+    # conditions that give this model identical inputs (an audio model under visual corruption,
+    # a lip reader under babble) are decoded once and share one result
+    decoded = {}
+    for cond in conditions:
+        decoded.setdefault(_input_key(protocol, cond, model.cfg.mode, cond in speech), cond)
+    same_as = {c: decoded[_input_key(protocol, c, model.cfg.mode, c in speech)] for c in conditions}
+    acc = {c: _Accumulator() for c in dict.fromkeys(same_as.values())}
     ordered = sorted(rows, key=lambda r: (-r.n_frames, r.utt_id))
     skipped = 0
     chunks = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
@@ -243,7 +258,7 @@ def evaluate_conditions(recognizer: Recognizer, root: str | Path, rows: Sequence
             clips.append((row, frames, wave, landmarks, opening, face))
         if not clips:
             continue
-        for cond in conditions:
+        for cond in acc:
             samples = []
             for row, frames, wave, landmarks, opening, _ in clips:
                 frames_c, wave_c = corrupt_utterance(frames, landmarks, wave, protocol.entry(row.utt_id, cond),
@@ -288,4 +303,8 @@ def evaluate_conditions(recognizer: Recognizer, root: str | Path, rows: Sequence
             mouth, l2s = aux.get("mouth_opening", {}).get("pooled", {}), aux.get("lip2speech", {})
             log.info("%s | %s: mouth opening r %s, MAE %s; lip-to-speech STOI %s, ESTOI %s", system, cond,
                      *(_fmt(d.get(k)) for d, k in ((mouth, "pearson"), (mouth, "mae"), (l2s, "stoi"), (l2s, "estoi"))))
-    return out
+    for cond, source in same_as.items():
+        if cond != source:
+            out[cond] = out[source]
+            log.info("%s | %s: the inputs of %s for this model, its result", system, cond, source)
+    return {c: out[c] for c in conditions}
