@@ -12,8 +12,9 @@ Stages (each resumable: a rerun skips what is finished and resumes a killed trai
    rebuilt under ``--work`` with a warning);
 3. **train** ``audio``, ``video``, ``audiovisual`` and ``audiovisual_relscore`` with
    ``configs/grid/*.yaml`` through ``train.py`` (the lip-reading model starts from the audio
-   model's encoder and decoder; the AV modes start from the audio model and take the visual
-   frontend of the video model, and train with corruption modelling);
+   model's encoder and decoder; the AV modes start from the audio model, take the visual frontend
+   of the video model and half of its weights where the two models share parts, and train with
+   corruption modelling);
 4. **test**: ``test.py`` on the s1 test split under every protocol condition, and on the unseen
    speakers (clean and babble at 0 dB);
 5. **aux**: audio → mouth-opening model (Pearson r on s1 test and unseen speakers) and lip-to-speech
@@ -48,7 +49,8 @@ WER_KEYS = ("clean", "occlusion", "noise_blur", "occlusion_noise_blur", "babble_
             "babble_snr5", "babble_snr10", "babble_snr15", "occlusion+babble_snr0", "occlusion+babble_snr-5")
 # Which earlier model each mode starts from (configs/grid/*.yaml name the same, as paths): the
 # lip-reading model takes the audio model's encoder and decoder (all but the frontend); the AV modes
-# take the audio model and the lip-reading model's visual frontend.
+# take the audio model and the lip-reading model's visual frontend, and blend the two models' shared
+# parts (train.init_visual_share).
 INIT_FROM = {"video": {"train.init_from": "audio"},
              "audiovisual": {"train.init_from": "audio", "train.init_visual_from": "video"},
              "audiovisual_relscore": {"train.init_from": "audio", "train.init_visual_from": "video"}}
@@ -188,6 +190,8 @@ def train_stage(args: argparse.Namespace, work: Path) -> dict[str, dict]:
                 overrides.append(f"{key}={out[part]['checkpoint']}")
             else:
                 overrides.append(f"{key}=''")  # that model is not part of this run: start from scratch
+                if mode.startswith("audiovisual"):
+                    overrides.append("train.init_visual_share=0")  # nothing to blend
         if args.quick:
             overrides += [f"train.max_steps={args.steps}", f"train.eval_step={max(args.steps // 2, 1)}",
                           f"train.save_step={max(args.steps // 2, 1)}", f"train.warmup_steps={max(args.steps // 4, 1)}",

@@ -1,5 +1,5 @@
 """The GRID recipe's fixes: an audio-visual model initialised from an audio model starts as that
-audio model, the lip-reading model starts from the audio model's encoder and decoder, and a
+audio model (and, blended with the lip reader, as the lip reader when the audio is silent), the lip-reading model starts from the audio model's encoder and decoder, and a
 corruption failure in a DataLoader worker skips the clip with one reason."""
 
 from __future__ import annotations
@@ -67,6 +67,59 @@ def test_av_model_from_an_audio_model_gives_its_encoder_output_when_video_is_sil
     loss = av_model.train()(batch).loss
     loss.backward()
     assert float(av_model.encoder.fusion[0].weight.grad[:, :c].abs().sum()) > 0  # ... and it learns to use video
+
+
+@pytest.mark.parametrize("mode", ["audiovisual", "audiovisual_relscore"])
+def test_blending_in_the_lip_reader_averages_shared_parts_and_reads_video_alone_at_share_one(
+        grid_prepared, tmp_path, mode):
+    """``train.init_visual_share``: 0.5 averages the audio and lip-reading models' Conformer and
+    decoder and puts half of each projection in its fusion columns; 1 gives the lip reader's
+    encoder output when the audio stream is silent; a share without a lip reader is an error."""
+    from avsr.data.dataset import AVDataset, collate
+    from avsr.data.manifest import read_manifest
+    from avsr.data.transforms import build_transform
+    from avsr.training.loop import Trainer
+
+    steps = ("train.max_steps=2", "train.save_step=2", "train.eval_step=100")
+    audio = Trainer(_cfg(grid_prepared, tmp_path / "audio", "model.mode=audio", *steps))
+    audio_ckpt = audio.fit()
+    video = Trainer(_cfg(grid_prepared, tmp_path / "video", "model.mode=video", f"train.init_from={audio_ckpt}",
+                         "train.lr=1e-2", *steps))
+    video_ckpt = video.fit()
+    a, v = audio.model.state_dict(), video.model.state_dict()
+    blended = ("encoder.conformer.layers.0.ffn1.net.1.weight", "decoder.embed.weight", "ctc_head.linear.weight",
+               "encoder.fusion.0.bias")
+    assert not any(torch.equal(a[k], v[k]) for k in blended)  # the two models differ where they are blended
+
+    def av(share, name):
+        return Trainer(_cfg(grid_prepared, tmp_path / name, f"model.mode={mode}", f"train.init_from={audio_ckpt}",
+                            f"train.init_visual_from={video_ckpt}", f"train.init_visual_share={share}")).model.eval()
+
+    half = av(0.5, "half").state_dict()
+    for name in blended:
+        assert torch.allclose(half[name], (a[name] + v[name]) / 2), name
+    scale = 1.5 if mode == "audiovisual_relscore" else 1.0
+    fusion, c = half["encoder.fusion.0.weight"], v["encoder.fusion.0.weight"].shape[1]
+    assert torch.allclose(fusion[:, :c] * scale, v["encoder.fusion.0.weight"] / 2)
+    assert torch.allclose(fusion[:, c:] * scale, a["encoder.fusion.0.weight"] / 2)
+
+    lip_reader = av(1.0, "one")
+    rows = read_manifest(grid_prepared, "test")
+    ds = AVDataset(grid_prepared, rows, audio.tokenizer.encode, build_transform(audio.cfg.data, train=False))
+    batch = collate([ds[i] for i in range(len(ds))])
+    frontend = lip_reader.encoder.audio_frontend
+    frontend.forward = lambda audio, lengths: (torch.zeros(audio.shape[0], batch.video.shape[1], c),
+                                               batch.video_lengths)  # a silent audio stream
+    with torch.no_grad():
+        want, _ = video.model.eval().encoder(batch.video, batch.video_lengths, None, None)
+        got, _ = lip_reader.encoder(batch.video, batch.video_lengths, batch.audio, batch.audio_lengths)
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    with pytest.raises(ValueError, match="init_visual_share needs the lip-reading model"):
+        Trainer(_cfg(grid_prepared, tmp_path / "bad", f"model.mode={mode}", f"train.init_from={audio_ckpt}",
+                     "train.init_visual_share=0.5"))
+    with pytest.raises(ValueError, match="a lip-reading \\(video\\) init_visual_from model"):
+        Trainer(_cfg(grid_prepared, tmp_path / "bad2", f"model.mode={mode}", f"train.init_from={audio_ckpt}",
+                     f"train.init_visual_from={audio_ckpt}", "train.init_visual_share=0.5"))
 
 
 def test_lip_reading_model_from_an_audio_model_takes_all_but_the_frontend(grid_prepared, tmp_path):

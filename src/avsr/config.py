@@ -156,6 +156,8 @@ class TrainConfig:
     log_step: int = 20
     init_from: str = ""  # initialise weights (not optimiser) from a checkpoint, where names and shapes fit
     init_visual_from: str = ""  # then the visual frontend from this one (e.g. a lip-reading model, for AV)
+    init_visual_share: float = 0.0  # AV: share of the init_visual_from model in the parts both models have
+    # (Conformer, CTC head, decoder: a weighted average) and its projection in the fusion's video columns
     freeze: list[str] = field(default_factory=list)  # parts kept as they are: module names (encoder.scorers),
     # or "frontends" for every frontend of the mode; no gradient, and run in eval mode (BatchNorm statistics fixed)
     device: str = "auto"  # "auto" (GPU of this rank if any, else CPU), "cpu", "cuda", "cuda:N"
