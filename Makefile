@@ -12,7 +12,7 @@ export AVSR_THREADS ?= 2
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: install test demo parity adapt aligner bench clean
+.PHONY: install test demo parity adapt aligner lipsync-bench bench clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ adapt: $(STAMP)
 aligner: $(STAMP)
 	test -f runs/grid/grid/train.tsv || $(MAKE) demo
 	$(PY) scripts/train_aligner.py --data runs/grid/grid --grid-dir $(GRID_DIR)
+
+# the lip-sync models (three cores) against OpenFaceFX and an energy baseline (see benchmarks/bench_lipsync.py)
+lipsync-bench: $(STAMP)
+	$(PY) benchmarks/bench_lipsync.py --out benchmarks
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out benchmarks

@@ -5,8 +5,8 @@
    (10 clips, 9 speakers; ``bbaf2n`` is s1 and in s1's train split, so it is left out) are
    preprocessed with ``avsr.data.preprocess`` into ``--work`` (kept as a cache: a second run skips
    this). ``grid_lipnet_samples`` is used for evaluation only: nothing is trained or tuned on it.
-2. Audio → mouth opening (:mod:`avsr.models.mouth`, recipe :mod:`avsr.mouth_opening`): the
-   bidirectional model and the causal streaming variant (2 frames of look-ahead) trained on the
+2. Audio → mouth opening (:mod:`avsr.lipsync.model`, recipe :mod:`avsr.lipsync.train`): the
+   bidirectional model and the causal streaming variant (1 mel frame of look-ahead, 30 ms) trained on the
    s1 train split; Pearson r, MAE and R² on s1 test and on the unseen speakers, pooled over all
    frames and averaged per utterance, beside an energy-envelope baseline (per-frame mean log-mel).
    Targets (issue 10): r >= 0.85 on s1 test, >= 0.65 on unseen speakers; the report says which of
@@ -37,8 +37,8 @@ from avsr.data.corpora import discover
 from avsr.data.preprocess import preprocess
 from avsr.evaluation.aux_metrics import curve_metrics
 from avsr.lip2speech import train_eval_lip2speech
-from avsr.mouth_opening import (MouthData, MouthTrainConfig, energy_envelope_curves, evaluate_mouth_model,
-                                load_mouth_data, train_mouth_model)
+from avsr.lipsync.train import (MOUTH_OPENING, MOUTH_OPENING_ARGS, LipSyncData, LipSyncTrainConfig,
+                                energy_envelope_curves, evaluate_lipsync_model, load_lipsync_data, train_lipsync_model)
 from avsr.utils import real_data_dir, set_num_threads
 from quiet import BenchRun
 
@@ -46,7 +46,6 @@ log = logging.getLogger("bench_aux")
 
 TARGETS = {"s1_test": 0.85, "unseen": 0.65}
 S1_IN_LIPNET = "bbaf2n"  # GRID s1, in s1's train split: not an unseen speaker
-MOUTH_ARGS = dict(channels=64, hidden=64, kernel=3, dropout=0.1)
 
 
 def prepare(work: Path, data_dir: Path, workers: int) -> dict:
@@ -68,28 +67,28 @@ def _summary(metrics: dict) -> dict:
             "n_utterances": metrics["n_utterances"]}
 
 
-def _masked(curves: list[np.ndarray], data: MouthData) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _masked(curves: list[np.ndarray], data: LipSyncData) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return ([c[m.numpy()] for c, m in zip(curves, data.masks)],
-            [t[m].numpy() for t, m in zip(data.targets, data.masks)])
+            [t[m.numpy()] for t, m in zip(data.curve(MOUTH_OPENING), data.masks)])
 
 
-def bench_mouth(train: MouthData, evals: dict[str, MouthData], steps: int, causal_steps: int) -> dict:
+def bench_mouth(train: LipSyncData, evals: dict[str, LipSyncData], steps: int, causal_steps: int) -> dict:
     """Train the bidirectional and the causal model; metrics on every evaluation set."""
     out: dict = {"targets_pearson": TARGETS, "energy_baseline": {}}
     for name, data in evals.items():
         out["energy_baseline"][name] = _summary(curve_metrics(*_masked(energy_envelope_curves(data), data)))
-    variants = {"bidirectional": (dict(MOUTH_ARGS), steps),
-                "causal_lookahead2": (dict(MOUTH_ARGS, causal=True, lookahead=2), causal_steps)}
+    variants = {"bidirectional": (dict(MOUTH_OPENING_ARGS), steps),
+                "causal_lookahead1": (dict(MOUTH_OPENING_ARGS, core="causal_gru", lookahead=1), causal_steps)}
     for variant, (args, n_steps) in variants.items():
         if n_steps <= 0:
             continue
         t0 = time.perf_counter()
-        model, history = train_mouth_model(train, args, MouthTrainConfig(steps=n_steps))
+        model, history = train_lipsync_model(train, args, LipSyncTrainConfig(steps=n_steps))
         res = {"model_args": args, "parameters": sum(p.numel() for p in model.parameters()), "steps": n_steps,
                "train_seconds": round(time.perf_counter() - t0, 1),
                "step_time_median_s": round(history["step_time_median_s"], 4)}
         for name, data in evals.items():
-            metrics = evaluate_mouth_model(model, data)
+            metrics = evaluate_lipsync_model(model, data)["curves"][MOUTH_OPENING]
             res[name] = _summary(metrics)
             if name == "unseen":
                 res[name]["per_utterance_pearson"] = {u: round(m["pearson"], 3) for u, m in metrics["utterances"].items()}
@@ -119,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                 "python": platform.python_version()}}
     report["data"] = prepare(work, data_dir, args.workers)
-    train = load_mouth_data(work / "grid", "train")
-    evals = {"s1_test": load_mouth_data(work / "grid", "test"), "unseen": load_mouth_data(work / "unseen", "unseen")}
+    train = load_lipsync_data(work / "grid", "train")
+    evals = {"s1_test": load_lipsync_data(work / "grid", "test"), "unseen": load_lipsync_data(work / "unseen", "unseen")}
     report["data"].update(s1_train=len(train), s1_test=len(evals["s1_test"]), unseen=len(evals["unseen"]))
     report["mouth_opening"] = bench_mouth(train, evals, args.mouth_steps, args.causal_steps)
     if args.l2s_steps > 0:

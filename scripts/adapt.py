@@ -37,7 +37,7 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import demo  # noqa: E402
-from demo import MODES, MOUTH_ARGS, _git_commit, _pct, _r, _read_json, _run, _write_json, start_script  # noqa: E402
+from demo import MODES, _git_commit, _pct, _r, _read_json, _run, _write_json, start_script  # noqa: E402
 
 VARIANTS = {"adapt_frozen_frontends": "configs/grid/adapt_frozen_frontends.yaml",
             "adapt_all": "configs/grid/adapt_all.yaml",
@@ -136,14 +136,16 @@ def mouth_stage(args: argparse.Namespace, root: Path) -> dict:
     cache = args.work / "adapt" / "mouth.json"
     if (cached := _read_json(cache)) is not None:
         return cached
-    from avsr.mouth_opening import MouthTrainConfig, evaluate_mouth_model, load_mouth_data, train_mouth_model
+    from avsr.lipsync.train import (MOUTH_OPENING_ARGS, LipSyncTrainConfig, evaluate_lipsync_model, load_lipsync_data,
+                                    train_lipsync_model)
 
     steps_s1, steps_s4 = (args.steps, args.steps) if args.quick else (MOUTH_S1_STEPS, MOUTH_S4_STEPS)
-    adapt, test = load_mouth_data(root, "adapt"), load_mouth_data(root, "test")
-    s1, _ = train_mouth_model(load_mouth_data(args.work / "grid", "train"), MOUTH_ARGS, MouthTrainConfig(steps=steps_s1))
-    adapted, _ = train_mouth_model(adapt, MOUTH_ARGS, MouthTrainConfig(steps=steps_s4, lr=MOUTH_ADAPT_LR), init=s1)
-    scratch, _ = train_mouth_model(adapt, MOUTH_ARGS, MouthTrainConfig(steps=steps_s4))
-    out = {name: _r(evaluate_mouth_model(model, test)["pooled"]["pearson"])
+    adapt, test = load_lipsync_data(root, "adapt"), load_lipsync_data(root, "test")
+    s1, _ = train_lipsync_model(load_lipsync_data(args.work / "grid", "train"), MOUTH_OPENING_ARGS,
+                                LipSyncTrainConfig(steps=steps_s1))
+    adapted, _ = train_lipsync_model(adapt, MOUTH_OPENING_ARGS, LipSyncTrainConfig(steps=steps_s4, lr=MOUTH_ADAPT_LR), init=s1)
+    scratch, _ = train_lipsync_model(adapt, MOUTH_OPENING_ARGS, LipSyncTrainConfig(steps=steps_s4))
+    out = {name: _r(evaluate_lipsync_model(model, test)["curves"]["mouth_opening"]["pooled"]["pearson"])
            for name, model in (("zero_shot", s1), ("adapted", adapted), ("scratch", scratch))}
     out["steps"] = {"s1": steps_s1, "s4_adapt": steps_s4, "adapt_lr": MOUTH_ADAPT_LR}
     _write_json(cache, out)

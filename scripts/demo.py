@@ -18,7 +18,7 @@ Stages (each resumable: a rerun skips what is finished and resumes a killed trai
 4. **test**: ``test.py`` on the s1 test split under every protocol condition, and on the unseen
    speakers (clean and babble at 0 dB);
 5. **aux**: audio → mouth-opening model (Pearson r on s1 test and unseen speakers) and lip-to-speech
-   (STOI/ESTOI on s1 test), :mod:`avsr.mouth_opening` and :mod:`avsr.lip2speech`;
+   (STOI/ESTOI on s1 test), :mod:`avsr.lipsync.train` and :mod:`avsr.lip2speech`;
 6. **report**: ``<results>/report.md`` (tables, targets, WER-vs-SNR plot, contact sheet of
    corrupted test crops) and the results file ``benchmarks/grid_s1.json``; the table is printed.
 
@@ -54,7 +54,6 @@ WER_KEYS = ("clean", "occlusion", "noise_blur", "occlusion_noise_blur", "babble_
 INIT_FROM = {"video": {"train.init_from": "audio"},
              "audiovisual": {"train.init_from": "audio", "train.init_visual_from": "video"},
              "audiovisual_relscore": {"train.init_from": "audio", "train.init_visual_from": "video"}}
-MOUTH_ARGS = dict(channels=64, hidden=64, kernel=3, dropout=0.1)
 # Issue targets on s1 test (WER as a fraction); "<" compares two systems.
 TARGETS = [("audio", "clean", 0.03), ("video", "clean", 0.15), ("audiovisual_relscore", "clean", 0.03),
            ("audiovisual_relscore", "babble_snr0", 0.10)]
@@ -238,22 +237,23 @@ def aux_stage(args: argparse.Namespace, work: Path) -> dict:
     if (cached := _read_json(cache)) is not None:
         return cached
     from avsr.lip2speech import train_eval_lip2speech
-    from avsr.mouth_opening import MouthTrainConfig, evaluate_mouth_model, load_mouth_data, train_mouth_model
+    from avsr.lipsync.train import (MOUTH_OPENING_ARGS, LipSyncTrainConfig, evaluate_lipsync_model, load_lipsync_data,
+                                    train_lipsync_model)
 
     t0 = time.perf_counter()
     steps = 60 if args.quick else 1000
-    model, _ = train_mouth_model(load_mouth_data(work / "grid", "train"), MOUTH_ARGS, MouthTrainConfig(steps=steps))
+    model, _ = train_lipsync_model(load_lipsync_data(work / "grid", "train"), MOUTH_OPENING_ARGS, LipSyncTrainConfig(steps=steps))
     evals = {"s1_test": (work / "grid", "test")}
     if (work / "unseen" / "unseen.tsv").is_file():
         evals["unseen"] = (work / "unseen", "unseen")
     mouth = {}
     for name, (root, split) in evals.items():
-        m = evaluate_mouth_model(model, load_mouth_data(root, split))
+        m = evaluate_lipsync_model(model, load_lipsync_data(root, split))["curves"]["mouth_opening"]
         mouth[name] = {"pooled": {k: _r(v) for k, v in m["pooled"].items()},
                        "utterance_mean": {k: _r(v) for k, v in m["utterance_mean"].items()},
                        "n_utterances": m["n_utterances"]}
     l2s = train_eval_lip2speech(work / "grid", 20 if args.quick else 250, griffin_lim_iters=8 if args.quick else 32)
-    out = {"mouth_opening": {"model_args": MOUTH_ARGS, "steps": steps, **mouth},
+    out = {"mouth_opening": {"model_args": MOUTH_OPENING_ARGS, "steps": steps, **mouth},
            "lip2speech": l2s, "minutes": round((time.perf_counter() - t0) / 60, 2)}
     _write_json(cache, out)
     return out

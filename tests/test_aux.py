@@ -1,4 +1,4 @@
-"""Auxiliary tasks: log-mel / Griffin-Lim, mouth-opening models and heads, lip-to-speech, metrics, export.
+"""Auxiliary tasks: log-mel / Griffin-Lim, the mouth-opening recipe and heads, lip-to-speech, metrics, export.
 
 Real-data tests run on ``mouth_corpus``: GRID s1 clips preprocessed by ``avsr.data.preprocess``
 (mediapipe landmarks → mouth-opening targets), every 11th train-split clip (41) and the whole test
@@ -20,9 +20,9 @@ from avsr.evaluation.aux_metrics import curve_metrics, mae, pearson_r, r2_score,
 from avsr.evaluation.curves import curve_csv, curve_json, plot_curves, resample_curve, write_curve
 from avsr.models.heads import (Lip2SpeechDecoder, Lip2SpeechLoss, MouthOpeningHead, mouth_opening_loss,
                                reference_mel)
-from avsr.models.mouth import AudioMouthOpening, load_mouth_model
-from avsr.mouth_opening import (MouthTrainConfig, energy_envelope_curves, evaluate_mouth_model, load_mouth_data,
-                                train_mouth_model)
+from avsr.lipsync.model import LipSyncModel, load_lipsync_model
+from avsr.lipsync.train import (MOUTH_OPENING, LipSyncTrainConfig, energy_envelope_curves, evaluate_lipsync_model,
+                                load_lipsync_data, train_lipsync_model)
 
 TRAIN_EVERY = 11  # every 11th s1 train clip (41 clips)
 
@@ -46,7 +46,7 @@ def mouth_corpus(grid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="session")
 def mouth_data(mouth_corpus: Path):
-    return load_mouth_data(mouth_corpus, "train"), load_mouth_data(mouth_corpus, "test")
+    return load_lipsync_data(mouth_corpus, "train"), load_lipsync_data(mouth_corpus, "test")
 
 
 # ---------------------------------------------------------------- log-mel and Griffin-Lim
@@ -150,7 +150,7 @@ def test_landmark_mouth_opening_follows_audio_energy(mouth_data) -> None:
     """Sanity of targets and sync: the mouth opens when there is sound (GRID-NOTES: r ~ 0.6 at lag 0)."""
     _, test = mouth_data
     energy = energy_envelope_curves(test)
-    targets = [t.numpy() for t in test.targets]
+    targets = test.curve(MOUTH_OPENING)
     masks = [m.numpy() for m in test.masks]
 
     def pooled_r(lag: int) -> float:
@@ -168,116 +168,47 @@ def test_landmark_mouth_opening_follows_audio_energy(mouth_data) -> None:
     assert max(by_lag, key=by_lag.get) in (-1, 0, 1), by_lag
 
 
-def test_mouth_model_shapes_and_errors() -> None:
-    model = AudioMouthOpening(channels=16, hidden=8)
-    mel = torch.randn(3, 44, 80)
-    curve, lengths = model(mel, torch.tensor([44, 40, 9]))
-    assert curve.shape == (3, 11) and lengths.tolist() == [11, 10, 2]
-    assert torch.all(curve[1, 10:] == 0) and torch.all(curve[2, 2:] == 0)
-    for kwargs in ({"rnn": "transformer"}, {"lookahead": 1}, {"causal": True, "lookahead": 4},
-                   {"kernel": 4}, {"dropout": 1.0}, {"hidden": 0}):
-        with pytest.raises(ValueError):
-            AudioMouthOpening(**kwargs)
-    with pytest.raises(ValueError, match="mel must be"):
-        model(torch.randn(2, 40, 64), torch.tensor([40, 40]))
-
-
-def test_bidirectional_model_is_order_independent_of_padding() -> None:
-    """A clip's curve does not depend on the batch it is padded into (eval mode)."""
-    torch.manual_seed(0)
-    model = AudioMouthOpening(channels=16, hidden=8).eval()
-    mel = torch.randn(2, 40, 80)
-    batch, _ = model(mel, torch.tensor([40, 24]))
-    alone, _ = model(mel[1:, :24], torch.tensor([24]))
-    torch.testing.assert_close(batch[1, :6], alone[0], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("lookahead", [0, 2, 3])
-def test_causal_model_sees_at_most_lookahead_frames(lookahead: int) -> None:
-    """Changing audio from the end of frame t + lookahead on leaves frames <= t unchanged."""
-    torch.manual_seed(0)
-    causal = AudioMouthOpening(channels=16, hidden=8, causal=True, lookahead=lookahead).eval()
-    bidir = AudioMouthOpening(channels=16, hidden=8).eval()
-    t, n_frames = 9, 20
-    wave = torch.randn(1, 640 * n_frames) * 0.1
-    changed = wave.clone()
-    cut = 640 * (t + 1 + lookahead)
-    changed[:, cut:] = torch.randn(1, changed.shape[1] - cut)
-    for model, should_match in ((causal, True), (bidir, False)):
-        a, _ = model(*log_mel(wave))
-        b, _ = model(*log_mel(changed))
-        assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6) is should_match
-        assert not torch.allclose(a[:, t + 1:], b[:, t + 1:], atol=1e-6)
-    # audio just before the cut is inside frame t's window: frame t changes
-    earlier = wave.clone()
-    earlier[:, cut - 100] += 1.0
-    a, _ = causal(*log_mel(wave))
-    b, _ = causal(*log_mel(earlier))
-    assert not torch.allclose(a[:, t], b[:, t], atol=1e-7)
-
-
-@pytest.mark.parametrize("lookahead", [0, 3])
-def test_streaming_equals_offline(lookahead: int) -> None:
-    """Mel fed in uneven chunks (then flushed) gives the offline causal curve, frame for frame."""
-    torch.manual_seed(0)
-    model = AudioMouthOpening(channels=16, hidden=8, kernel=5, causal=True, lookahead=lookahead).eval()
-    model.set_stats(torch.randn(80) * 0.1, torch.rand(80) + 0.5, 0.1, 0.05)
-    mel, mel_lengths = log_mel(torch.randn(1, 640 * 17) * 0.1)
-    offline, _ = model(mel, mel_lengths)
-    state, parts, start = model.init_stream(), [], 0
-    for n in (1, 3, 7, 0, 13, 2, 20, 1000):
-        parts.append(model.stream(mel[0, start:start + n], state))
-        start += n
-    parts.append(model.flush(state))
-    torch.testing.assert_close(torch.cat(parts), offline[0], atol=1e-6, rtol=1e-5)
-    assert len(parts[0]) == 0  # one mel frame is not a video frame yet
-    with pytest.raises(ValueError, match="causal"):
-        AudioMouthOpening().init_stream()
-
-
 @pytest.mark.slow
 def test_audio_to_mouth_opening_learns(mouth_data) -> None:
     """Trained briefly on 41 GRID s1 train clips, the model follows the s1 test mouth (Pearson r >= 0.6)."""
     train, test = mouth_data
-    args = dict(channels=32, hidden=32)
-    model, history = train_mouth_model(train, args, MouthTrainConfig(steps=250, batch_size=16))
-    metrics = evaluate_mouth_model(model, test)
+    args = dict(curves=[MOUTH_OPENING], channels=32, hidden=32)
+    model, history = train_lipsync_model(train, args, LipSyncTrainConfig(steps=250, batch_size=16))
+    metrics = evaluate_lipsync_model(model, test)["curves"][MOUTH_OPENING]
     assert metrics["n_utterances"] == 50
     assert metrics["pooled"]["pearson"] >= 0.6, metrics["pooled"]
     assert np.mean(history["loss"][-25:]) < 0.5 * np.mean(history["loss"][:25])
-    untrained = AudioMouthOpening(**args).eval()
-    untrained.set_stats(model.feat_mean, model.feat_std, float(model.target_mean), float(model.target_std))
-    assert evaluate_mouth_model(untrained, test)["pooled"]["pearson"] < metrics["pooled"]["pearson"] - 0.2
+    untrained = LipSyncModel(**args).eval()
+    untrained.set_stats(model.feat_mean, model.feat_std, model.target_mean, model.target_std)
+    assert evaluate_lipsync_model(untrained, test)["curves"][MOUTH_OPENING]["pooled"]["pearson"] < \
+        metrics["pooled"]["pearson"] - 0.2
 
 
 def test_train_script_with_rdrop_and_mean_teacher(mouth_corpus: Path, tmp_path: Path) -> None:
-    """The CLI runs R-Drop + mean teacher, writes a loadable checkpoint, metrics and curve exports."""
+    """The CLI trains the causal core on two curves with R-Drop + mean teacher, writes a loadable
+    checkpoint, metrics per curve and curve exports."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "train_mouth_opening", Path(__file__).resolve().parents[1] / "scripts" / "train_mouth_opening.py")
+        "train_lipsync", Path(__file__).resolve().parents[1] / "scripts" / "train_lipsync.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "run"
     rc = script.main(["--root", str(mouth_corpus), "--out", str(out), "--steps", "6", "--batch-size", "4",
                       "--channels", "8", "--hidden", "8", "--rdrop", "1", "--mean-teacher", "1",
-                      "--unlabelled-split", "test", "--causal", "--lookahead", "2", "--export", "1",
-                      "--export-fps", "60"])
+                      "--unlabelled-split", "test", "--core", "causal_gru", "--lookahead", "1",
+                      "--curves", "mouth_opening,jawOpen", "--export", "1", "--export-fps", "60"])
     assert rc == 0
     report = json.loads((out / "metrics.json").read_text())
-    assert set(report["splits"]["test"]) >= {"pooled", "utterance_mean", "utterances"}
-    model = load_mouth_model(str(out / "mouth_opening.pt"))
-    assert model.causal and model.lookahead == 2 and not model.training
+    assert set(report["splits"]["test"]["curves"]) == {"mouth_opening", "jawOpen"}
+    assert set(report["splits"]["test"]["curves"]["jawOpen"]) >= {"pooled", "utterance_mean", "utterances"}
+    assert report["lookahead_ms"] == 30.0
+    model, _ = load_lipsync_model(out / "lipsync.pt")
+    assert model.causal and model.lookahead == 1 and model.curves == ("mouth_opening", "jawOpen") and not model.training
     csv_file = next((out / "curves").glob("*.csv"))
     assert len(csv_file.read_text().strip().split("\n")) == 1 + 180  # 3 s at 60 fps
     assert script.main(["--root", str(tmp_path / "missing"), "--out", str(out)]) == 2
-
-
-def test_load_mouth_model_names_bad_file(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.pt"):
-        load_mouth_model(str(bad))
+    assert script.main(["--root", str(mouth_corpus), "--out", str(out), "--curves", "lipWiggle"]) == 2
 
 
 # ---------------------------------------------------------------- heads

@@ -64,14 +64,14 @@ class _Payload:
 def _loaders():
     from avsr.decoding.lm import load_lm
     from avsr.models import load_encoder
-    from avsr.models.mouth import load_mouth_model
+    from avsr.lipsync.model import load_lipsync_model
     from avsr.training.checkpoint import load_model
 
     return {"load_checkpoint": load_checkpoint, "load_model": load_model, "load_lm": load_lm,
-            "load_mouth_model": load_mouth_model, "load_encoder": load_encoder}
+            "load_lipsync_model": load_lipsync_model, "load_encoder": load_encoder}
 
 
-@pytest.mark.parametrize("loader", ["load_checkpoint", "load_model", "load_lm", "load_mouth_model", "load_encoder"])
+@pytest.mark.parametrize("loader", ["load_checkpoint", "load_model", "load_lm", "load_lipsync_model", "load_encoder"])
 def test_malicious_checkpoint_is_refused_without_running(tmp_path, loader):
     """A pickle payload hidden among real checkpoint keys: one-line error naming the file, nothing run."""
     sentinel = tmp_path / "pwned"

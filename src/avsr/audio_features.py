@@ -84,6 +84,53 @@ def log_mel(wave: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> tuple
     return mel.masked_fill(pad[..., None], LOG_FLOOR_VALUE), out_lengths
 
 
+class LogMelStream:
+    """:func:`log_mel` of one stream of audio that arrives in pieces, frame by frame.
+
+    Frame ``i`` (centred on sample ``160 i``) is emitted as soon as samples up to ``160 i + 320``
+    are in; :meth:`flush` ends the stream with the frames whose windows reach past its end (zeros
+    there, as offline). Concatenated, the frames equal ``log_mel`` of the whole stream (its
+    ``S // 160`` frames for ``S`` samples) to float rounding.
+    """
+
+    def __init__(self) -> None:
+        kw = {k: v for k, v in _MEL_KW.items() if k != "pad_mode"}
+        self._mel = torchaudio.transforms.MelSpectrogram(**kw, center=False)
+        self._buf = torch.zeros(N_FFT // 2)  # the offline zero padding before the first sample
+        self._offset = 0  # index of self._buf[0] in the zero-padded stream
+        self._samples = 0
+        self._done = 0  # frames emitted
+
+    def _frames(self, upto: int) -> torch.Tensor:
+        n = upto - self._done
+        if n <= 0:
+            return torch.empty(0, N_MELS)
+        start = HOP_LENGTH * self._done - self._offset  # frame i's window: padded [160 i, 160 i + 640)
+        chunk = self._buf[start: start + N_FFT + HOP_LENGTH * (n - 1)]
+        self._done = upto
+        self._buf = self._buf[start + HOP_LENGTH * n:]
+        self._offset += start + HOP_LENGTH * n
+        return torch.log(self._mel(chunk).clamp_min(LOG_FLOOR)).T  # (n, 80)
+
+    def push(self, samples: torch.Tensor) -> torch.Tensor:
+        """Append ``(S,)`` float samples at 16 kHz; returns the ``(n, 80)`` newly complete frames.
+
+        Raises:
+            ValueError: when ``samples`` is not 1-D.
+        """
+        if samples.dim() != 1:
+            raise ValueError(f"samples must be (S,), got shape {tuple(samples.shape)}")
+        self._buf = torch.cat([self._buf, samples.float()])
+        self._samples += len(samples)
+        ready = max(0, (self._samples - N_FFT // 2) // HOP_LENGTH + 1)  # frames whose window is in
+        return self._frames(min(ready, self._samples // HOP_LENGTH))
+
+    def flush(self) -> torch.Tensor:
+        """The last ``(n, 80)`` frames, their windows zero-padded past the end of the stream."""
+        self._buf = torch.cat([self._buf, torch.zeros(N_FFT)])
+        return self._frames(self._samples // HOP_LENGTH)
+
+
 def mel_to_wave(mel: torch.Tensor, n_iter: int = 64, seed: int = 0) -> torch.Tensor:
     """Waveform from a :func:`log_mel` spectrogram by least-squares mel inversion + Griffin-Lim.
 

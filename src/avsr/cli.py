@@ -3,12 +3,16 @@
 Subcommands::
 
     avsr transcribe --checkpoint ckpt.pt video.mp4 [more ...] [--json out.json|-] [--mouth-csv m.csv]
-                    [--speech out.wav] [--visualize out.mp4]
+                    [--speech out.wav] [--visualize out.mp4] [--lipsync track.json --lipsync-model lipsync.pt
+                    [--aligner aligner.pt]]
     avsr extract-features --checkpoint ckpt.pt --root <corpus> --split test --part visual_frontend --out feats/
     avsr export --checkpoint ckpt.pt --part encoder --format onnx --out encoder.onnx
+    avsr export --checkpoint lipsync.pt --part lipsync --format onnx --out lipsync.onnx
+    avsr lipsync --model lipsync.pt speech.wav [more ...] --out track.tsv [--format rhubarb-tsv|rhubarb-json|csv|json]
+                 [--fps 24|30|60] [--dialog "text" --aligner aligner.pt] [--streaming] [--preview out.mp4]
 
-With several inputs, the ``--mouth-csv``, ``--speech`` and ``--visualize`` paths must contain
-``{name}`` (the input's file name without extension). Inputs that fail (unreadable file, no face,
+With several inputs, the ``--mouth-csv``, ``--speech``, ``--visualize``, ``--lipsync`` and ``lipsync --out``
+paths must contain ``{name}`` (the input's file name without extension). Inputs that fail (unreadable file, no face,
 several faces, a stream the checkpoint's mode needs is missing) are reported on stderr with one
 line naming the file and skipped; the exit status is then 1. A bad checkpoint, bad arguments or
 an export that fails its check exit with 2 (one line; ``-v`` adds the traceback).
@@ -59,6 +63,11 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mouth-fps", type=float, help="resample the mouth curve to this rate (default 25)")
     t.add_argument("--speech", help="write lip-to-speech audio (16 kHz WAV; checkpoints with that head)")
     t.add_argument("--visualize", help="write the mouth crop with mouth opening and reliability drawn over time (mp4)")
+    t.add_argument("--lipsync", help="write a lip-sync track (JSON: the transcript, visemes and ARKit blendshape "
+                   "curves, as `avsr lipsync --format json` plus \"text\"); needs --lipsync-model")
+    t.add_argument("--lipsync-model", help="lip-sync checkpoint (scripts/train_lipsync.py) for --lipsync")
+    t.add_argument("--aligner", help="phone aligner: time the --lipsync visemes by forced alignment of the "
+                   "transcript (default: the lip-sync model's viseme head)")
     t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     t.add_argument("--window", type=float, default=10.0, help="seconds per model window (long inputs)")
     t.add_argument("--overlap", type=float, default=1.0, help="seconds of overlap between windows")
@@ -75,13 +84,33 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--device", default="cpu")
 
-    e = sub.add_parser("export", parents=[common], help="export a frontend or the encoder to TorchScript or ONNX",
+    e = sub.add_parser("export", parents=[common], help="export a frontend, the encoder or the streaming lip-sync "
+                       "model to TorchScript or ONNX",
                        description="Export a part of a checkpoint's model and check it against eager mode.")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--part", default="encoder", choices=("visual_frontend", "audio_frontend", "encoder"))
+    e.add_argument("--part", default="encoder", choices=("visual_frontend", "audio_frontend", "encoder", "lipsync"),
+                   help="lipsync: one streaming hop of a causal lip-sync checkpoint (scripts/train_lipsync.py)")
     e.add_argument("--format", default="onnx", choices=("torchscript", "onnx"))
     e.add_argument("--out", required=True, help="output file (.pt for TorchScript, .onnx for ONNX)")
     e.add_argument("--atol", type=float, default=1e-4, help="largest allowed |exported - eager| in the check")
+
+    from avsr.lipsync.export import FORMATS
+
+    s = sub.add_parser("lipsync", parents=[common], help="mouth shapes and blendshape curves from speech",
+                       description="Lip-sync tracks from speech (audio files, or the audio of videos) with a "
+                                   "model trained by scripts/train_lipsync.py: Rhubarb Lip Sync's TSV or JSON "
+                                   "mouth cues, a CSV of ARKit blendshape curves, or JSON with both.")
+    s.add_argument("--model", required=True, help="lip-sync checkpoint (lipsync.pt)")
+    s.add_argument("inputs", nargs="+", help="speech or video files")
+    s.add_argument("--out", required=True, help="output file; with several inputs it holds {name}")
+    s.add_argument("--format", choices=FORMATS, help="default: from the suffix of --out (.tsv, .csv, .json)")
+    s.add_argument("--fps", type=float, default=25.0, help="frames per second of the output (e.g. 24, 30, 60)")
+    s.add_argument("--dialog", help="the transcript: visemes from its forced alignment instead of the model's head")
+    s.add_argument("--aligner", help="phone-aligner checkpoint (scripts/train_aligner.py), needed by --dialog")
+    s.add_argument("--streaming", action="store_true",
+                   help="run the causal model in 10 ms hops, as a live stream would (same output)")
+    s.add_argument("--preview", help="also write an mp4: the mouth crop (video inputs) beside a mouth drawn "
+                   "from the predicted blendshapes, with the audio; with several inputs it holds {name}")
     return parser
 
 
@@ -90,7 +119,10 @@ def _transcribe(args: argparse.Namespace) -> int:
     from avsr.inference.result import results_document, write_json
 
     several = len(args.inputs) > 1
-    for name in ("mouth_csv", "speech", "visualize"):
+    if args.lipsync and not args.lipsync_model:
+        log.error("--lipsync needs --lipsync-model (a checkpoint of scripts/train_lipsync.py)")
+        return EXIT_USAGE
+    for name in ("mouth_csv", "speech", "visualize", "lipsync"):
         value = getattr(args, name)
         if several and value is not None and "{name}" not in value:
             log.error("with several inputs, --%s needs a '{name}' placeholder, e.g. out/{name}%s",
@@ -103,11 +135,12 @@ def _transcribe(args: argparse.Namespace) -> int:
     if args.speech and not recognizer.has_speech_head:
         log.error("%s: the checkpoint has no lip-to-speech head; --speech is not available", args.checkpoint)
         return EXIT_USAGE
+    lipsync = _load_lipsync(args) if args.lipsync else None
     results, errors = [], []
     for path in args.inputs:
         try:
             result = recognizer.transcribe(path, speech=args.speech is not None)
-            _write_outputs(result, args, several)
+            _write_outputs(result, args, several, lipsync)
         except InputError as exc:
             log.error("%s", exc)
             errors.append((path, str(exc)))
@@ -120,7 +153,39 @@ def _transcribe(args: argparse.Namespace) -> int:
     return EXIT_INPUT_FAILED if errors else 0
 
 
-def _write_outputs(result, args: argparse.Namespace, several: bool) -> None:
+def _load_lipsync(args: argparse.Namespace) -> tuple:
+    """``(lip-sync model, phone aligner or None)`` of ``--lipsync-model`` / ``--aligner``."""
+    from avsr.lipsync.model import load_lipsync_model
+
+    aligner = None
+    if args.aligner:
+        from avsr.lipsync.aligner import load_aligner
+
+        aligner = load_aligner(args.aligner)
+    return load_lipsync_model(args.lipsync_model)[0], aligner
+
+
+def _write_lipsync(result, path: Path, model, aligner) -> None:
+    """Transcript, visemes and curves of one transcription as JSON (visemes by forced alignment of
+    the transcript when there is an aligner)."""
+    import json
+
+    from avsr.inference import InputError
+    from avsr.lipsync.infer import predict_track, render
+    from avsr.utils import atomic_write_text
+
+    if result.audio is None:
+        raise InputError(f"{result.path}: --lipsync needs the audio track, and this input has none")
+    dialog = result.text if aligner is not None and result.text.strip() else None
+    try:
+        track = predict_track(model, result.audio, dialog=dialog, aligner=aligner)
+    except ValueError as exc:
+        raise InputError(f"{result.path}: lip sync failed ({exc})") from None
+    doc = {"text": result.text, **json.loads(render(track, "json", result.fps, sound_file=result.path))}
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+
+
+def _write_outputs(result, args: argparse.Namespace, several: bool, lipsync: Optional[tuple] = None) -> None:
     from avsr.data.media import write_wav
     from avsr.evaluation.curves import write_curve
     from avsr.inference import InputError, mouth_curve
@@ -137,6 +202,8 @@ def _write_outputs(result, args: argparse.Namespace, several: bool) -> None:
     if (p := _per_input(args.speech, result.path, several)) is not None:
         with atomic_path(p, suffix=".wav") as tmp:
             write_wav(tmp, result.speech, 16000)
+    if (p := _per_input(args.lipsync, result.path, several)) is not None:
+        _write_lipsync(result, p, *lipsync)
     if (p := _per_input(args.visualize, result.path, several)) is not None:
         if result.crops is None:
             raise InputError(f"{result.path}: --visualize needs a video with a face; this input has no mouth crop")
@@ -160,6 +227,24 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lipsync(args: argparse.Namespace) -> int:
+    from avsr.lipsync.infer import lipsync_files
+    from avsr.lipsync.model import load_lipsync_model
+
+    model, _ = load_lipsync_model(args.model)
+    aligner = None
+    if args.aligner:
+        from avsr.lipsync.aligner import load_aligner
+
+        aligner = load_aligner(args.aligner)
+    failed = lipsync_files(model, args.inputs, args.out, args.format, args.fps, args.streaming, args.dialog, aligner,
+                           args.preview)
+    for _, why in failed:
+        log.error("%s", why)
+    log.info("wrote %d track(s) (%d failed)", len(args.inputs) - len(failed), len(failed))
+    return EXIT_INPUT_FAILED if failed else 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``avsr`` console script; returns the exit status."""
     from avsr.export import ExportError
@@ -168,7 +253,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     set_num_threads()
-    commands = {"transcribe": _transcribe, "extract-features": _extract_features, "export": _export}
+    commands = {"transcribe": _transcribe, "extract-features": _extract_features, "export": _export,
+                "lipsync": _lipsync}
     try:
         return commands[args.command](args)
     except (ValueError, ExportError, OSError) as exc:  # bad checkpoint, option, manifest or output path

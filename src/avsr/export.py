@@ -15,6 +15,13 @@ part                   inputs                                           outputs
 
 Everything is at 25 fps; batch and time axes are dynamic in both formats.
 
+``lipsync`` (a checkpoint of ``scripts/train_lipsync.py`` with the causal core) exports one hop
+of the streaming lip-sync model, :class:`avsr.lipsync.model.LipSyncStep`, so that a game engine can
+stream it: inputs ``mel`` (1, n, 80) log-mel frames at 100 fps (``n`` dynamic), ``conv1_state``,
+``conv2_state``, ``gru_state``; outputs ``curves`` (1, n, K), ``visemes`` (1, n, V) logits and the
+three new states (``*_out``). It is checked hop by hop (hops of 1 to 16 frames, state carried)
+against the PyTorch step.
+
 - TorchScript: :func:`torch.jit.trace` (load with ``torch.jit.load``).
 - ONNX: the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, opset 17); the
   ``torch.export``-based one cannot trace the models' input checks (``int(lengths.max())``).
@@ -178,7 +185,7 @@ class ExportReport:
     format: str
     path: Path
     inputs: tuple[str, ...]
-    outputs: tuple[str, str]
+    outputs: tuple[str, ...]
     max_abs_diff: float
 
 
@@ -273,13 +280,88 @@ def check_export(wrapper: ExportablePart, fmt: str, path: str | Path,
     return diff
 
 
+LIPSYNC_PART = "lipsync"
+LIPSYNC_INPUTS = ("mel", "conv1_state", "conv2_state", "gru_state")
+LIPSYNC_OUTPUTS = ("curves", "visemes", "conv1_state_out", "conv2_state_out", "gru_state_out")
+LIPSYNC_CHECK_HOPS = (1, 3, 16, 2, 1, 10, 4)  # mel frames per hop in the check
+
+
+def _run_step(fmt: str, path: Path):
+    """A callable ``(mel, *state) -> outputs`` (numpy) of an exported lip-sync step."""
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            _ignore_tracer_notes()
+            module = torch.jit.load(str(path))
+
+        def run(*x: np.ndarray) -> list[np.ndarray]:
+            with torch.no_grad():
+                return [t.numpy() for t in module(*(torch.from_numpy(a) for a in x))]
+        return run
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("running ONNX exports needs onnxruntime (pip install onnxruntime)") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda *x: session.run(None, dict(zip(LIPSYNC_INPUTS, x)))
+
+
+def export_lipsync(checkpoint: str | Path, fmt: str, out: str | Path, atol: float = 1e-4) -> ExportReport:
+    """Export the streaming step of a causal lip-sync checkpoint (see the module docstring) and
+    check it hop by hop against PyTorch.
+
+    Raises:
+        ValueError: for an unknown format, a file that is not a lip-sync checkpoint, or an offline core.
+        ExportError: when a needed package is missing or the check fails (the file is removed).
+    """
+    from avsr.lipsync.model import LipSyncStep, load_lipsync_model
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    step = LipSyncStep(load_lipsync_model(checkpoint)[0]).eval()
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randn(1, 4, step.model.n_mels, generator=g) - 5.0, *step.initial_state())
+    path = Path(out)
+    with torch.no_grad(), warnings.catch_warnings(), atomic_path(path) as tmp:
+        _ignore_tracer_notes()  # and the GRU batch-size note: the initial state is an input here
+        warnings.filterwarnings("ignore", message=".*batch_size other than 1.*", category=UserWarning)
+        if fmt == "torchscript":
+            torch.jit.trace(step, example, check_trace=False).save(str(tmp))
+        else:
+            frames = {1: "frames"}
+            try:
+                torch.onnx.export(step, example, str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                                  input_names=list(LIPSYNC_INPUTS), output_names=list(LIPSYNC_OUTPUTS),
+                                  dynamic_axes={"mel": frames, "curves": frames, "visemes": frames})
+            except (torch.onnx.OnnxExporterError, RuntimeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ExportError(f"ONNX export of {LIPSYNC_PART} failed: {first}") from None
+    run = _run_step(fmt, path)
+    ref_state = step.initial_state()
+    state = [t.numpy() for t in ref_state]
+    diff = 0.0
+    with torch.no_grad():
+        for n in LIPSYNC_CHECK_HOPS:
+            mel = torch.randn(1, n, step.model.n_mels, generator=g) * 2.0 - 5.0
+            ref = step(mel, *ref_state)
+            got = run(mel.numpy(), *state)
+            ref_state, state = ref[2:], got[2:]
+            diff = max([diff] + [float(np.abs(a - b.numpy()).max()) for a, b in zip(got, ref) if b.numel()])
+    if not diff <= atol:
+        path.unlink()
+        raise ExportError(f"exported {LIPSYNC_PART} differs from PyTorch by {diff:.3g} > atol {atol:g}; removed {path}")
+    log.info("exported %s as %s to %s (max |diff| %.2e over %d hops)", LIPSYNC_PART, fmt, path, diff,
+             len(LIPSYNC_CHECK_HOPS))
+    return ExportReport(LIPSYNC_PART, fmt, path, LIPSYNC_INPUTS, LIPSYNC_OUTPUTS, diff)
+
+
 def export_part(checkpoint: str | Path, part: str, fmt: str, out: str | Path, atol: float = 1e-4,
                 module: Optional[nn.Module] = None) -> ExportReport:
     """Export ``part`` of ``checkpoint`` as ``fmt`` to ``out`` and check it against eager mode.
 
     Args:
         checkpoint: trained checkpoint (``load_encoder`` reads it); unused when ``module`` is given.
-        part: ``visual_frontend``, ``audio_frontend`` or ``encoder``.
+        part: ``visual_frontend``, ``audio_frontend``, ``encoder``, or ``lipsync`` (a lip-sync
+            checkpoint: :func:`export_lipsync`).
         fmt: ``torchscript`` or ``onnx``.
         out: output file.
         atol: largest allowed absolute difference from eager mode on the check inputs.
@@ -289,8 +371,10 @@ def export_part(checkpoint: str | Path, part: str, fmt: str, out: str | Path, at
         ValueError: for an unknown part/format, or a part the checkpoint lacks.
         ExportError: when a needed package is missing or the check fails (the file is removed).
     """
+    if part == LIPSYNC_PART:
+        return export_lipsync(checkpoint, fmt, out, atol)
     if part not in ENCODER_PARTS:
-        raise ValueError(f"part must be one of {', '.join(ENCODER_PARTS)}, got '{part}'")
+        raise ValueError(f"part must be one of {', '.join(ENCODER_PARTS + (LIPSYNC_PART,))}, got '{part}'")
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     module = module if module is not None else load_encoder(checkpoint, part, freeze=True)

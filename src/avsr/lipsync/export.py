@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 Cue = tuple[float, float, str]  # (start s, end s, shape)
+FORMATS = ("rhubarb-tsv", "rhubarb-json", "csv", "json")  #: the track files ``avsr lipsync`` writes
 
 
 def cues_from_frames(labels: Sequence[str], fps: float = 25.0) -> list[Cue]:
