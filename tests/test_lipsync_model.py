@@ -36,10 +36,14 @@ def test_streamed_log_mel_equals_offline_log_mel() -> None:
 
 @pytest.mark.parametrize("core", CORES)
 def test_every_core_gives_curves_and_visemes_per_mel_frame(core: str) -> None:
-    model = LipSyncModel(curves=("mouth_opening", "jawOpen"), visemes="ABCDEFGHX", core=core, **SMALL)
-    out = model(torch.randn(3, 44, 80), torch.tensor([44, 40, 9]))
-    assert out["curves"].shape == (3, 44, 2) and out["visemes"].shape == (3, 44, 9)
-    assert out["lengths"].tolist() == [44, 40, 9]
+    for stride in (1, 4) if core != "causal_gru" else (1,):
+        model = LipSyncModel(curves=("mouth_opening", "jawOpen"), visemes="ABCDEFGHX", core=core, stride=stride,
+                             **SMALL)
+        out = model(torch.randn(3, 43, 80), torch.tensor([43, 40, 9]))
+        assert out["curves"].shape == (3, 43, 2) and out["visemes"].shape == (3, 43, 9)
+        assert out["lengths"].tolist() == [43, 40, 9]
+        if stride == 4:  # one output per step of 4 mel frames
+            assert torch.equal(out["curves"][:, 0], out["curves"][:, 3]) and torch.equal(out["curves"][:, 40], out["curves"][:, 42])
     with pytest.raises(ValueError, match="mel must be"):
         model(torch.randn(2, 40, 64), torch.tensor([40, 40]))
 
@@ -47,16 +51,17 @@ def test_every_core_gives_curves_and_visemes_per_mel_frame(core: str) -> None:
 @pytest.mark.parametrize("kwargs", [{"core": "lstm"}, {"lookahead": 1}, {"core": "causal_gru", "lookahead": 4},
                                     {"kernel": 4}, {"dropout": 1.0}, {"hidden": 0}, {"curves": ()},
                                     {"core": "attention", "hidden": 10, "attention_heads": 4},
-                                    {"core": "attention", "num_layers": 2}])
+                                    {"core": "attention", "num_layers": 2}, {"stride": 3},
+                                    {"core": "causal_gru", "stride": 2}])
 def test_bad_model_settings_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         LipSyncModel(**kwargs)
 
 
-@pytest.mark.parametrize("core", ["bigru", "attention"])
-def test_offline_cores_do_not_depend_on_the_batch_padding(core: str) -> None:
+@pytest.mark.parametrize("core, stride", [("bigru", 1), ("attention", 1), ("bigru", 4), ("attention", 2)])
+def test_offline_cores_do_not_depend_on_the_batch_padding(core: str, stride: int) -> None:
     torch.manual_seed(0)
-    model = LipSyncModel(core=core, **SMALL).eval()
+    model = LipSyncModel(core=core, stride=stride, **SMALL).eval()
     mel = torch.randn(2, 60, 80)
     batch = model(mel, torch.tensor([60, 37]))["curves"]
     alone = model(mel[1:, :37], torch.tensor([37]))["curves"]

@@ -54,7 +54,10 @@ class LipSyncModel(nn.Module):
         hidden: GRU units per direction, or the attention layer's model width.
         num_layers: recurrent layers (default 1 for ``bigru``, 2 for ``causal_gru``; must be 1 for
             ``attention``).
-        kernel: temporal kernel of the convolutions in mel frames (odd unless causal).
+        kernel: temporal kernel of the convolutions in core steps (odd unless causal).
+        stride: mel frames per core step for the offline cores (1, 2 or 4: 100, 50 or 25 steps per
+            second; ``stride`` consecutive frames are stacked, and each step's outputs are repeated
+            over its frames). The causal core runs at 100 fps (stride 1).
         lookahead: mel frames of future context of ``causal_gru`` (0–3); 0 for the other cores.
         attention_heads: heads of the attention layer (must divide ``hidden``).
         dropout: after each convolution, inside the core and before the heads.
@@ -68,7 +71,8 @@ class LipSyncModel(nn.Module):
 
     def __init__(self, curves: Sequence[str] = ("mouth_opening",), visemes: Sequence[str] = (), core: str = "bigru",
                  channels: int = 128, hidden: int = 128, num_layers: Optional[int] = None, kernel: int = 3,
-                 lookahead: int = 0, attention_heads: int = 4, dropout: float = 0.1, n_mels: int = N_MELS) -> None:
+                 lookahead: int = 0, attention_heads: int = 4, dropout: float = 0.1, n_mels: int = N_MELS,
+                 stride: int = 1) -> None:
         super().__init__()
         if core not in CORES:
             raise ValueError(f"core must be one of {', '.join(CORES)}, got '{core}'")
@@ -88,6 +92,8 @@ class LipSyncModel(nn.Module):
             raise ValueError(f"lookahead must be in 0..{MAX_LOOKAHEAD} mel frames, got {lookahead}")
         if lookahead and not self.causal:
             raise ValueError(f"lookahead applies to the causal core only, not '{core}'")
+        if stride not in (1, 2, 4) or (stride > 1 and self.causal):
+            raise ValueError(f"stride must be 1, 2 or 4 (1 for the causal core), got {stride} for '{core}'")
         if core == "attention" and (num_layers != 1 or hidden % attention_heads):
             raise ValueError(f"the attention core is one layer (got num_layers={num_layers}) whose width "
                              f"{hidden} must be divisible by attention_heads={attention_heads}")
@@ -97,11 +103,12 @@ class LipSyncModel(nn.Module):
         self.kernel = kernel
         self.lookahead = lookahead
         self.n_mels = n_mels
+        self.stride = stride
         self.register_buffer("feat_mean", torch.zeros(n_mels))
         self.register_buffer("feat_std", torch.ones(n_mels))
         self.register_buffer("target_mean", torch.zeros(len(self.curves)))
         self.register_buffer("target_std", torch.ones(len(self.curves)))
-        self.conv1 = nn.Conv1d(n_mels, channels, kernel)
+        self.conv1 = nn.Conv1d(n_mels * stride, channels, kernel)
         self.conv2 = nn.Conv1d(channels, channels, kernel)
         self.act = nn.GELU()
         self.dropout = nn.Dropout(dropout)
@@ -164,20 +171,28 @@ class LipSyncModel(nn.Module):
         """
         if mel.dim() != 3 or mel.shape[-1] != self.n_mels or mel.shape[1] < 1:
             raise ValueError(f"mel must be (B, F>=1, {self.n_mels}), got shape {tuple(mel.shape)}")
-        n = mel.shape[1]
+        n, batch = mel.shape[1], mel.shape[0]
         lengths = mel_lengths.clamp(1, n)
-        mask = lengths_to_mask(lengths, n)
-        x = ((mel - self.feat_mean) / self.feat_std).transpose(1, 2) * mask[:, None]
-        x = self._conv(self.conv2, self._conv(self.conv1, x, mask[:, None]), mask[:, None]).transpose(1, 2)
+        x = (mel - self.feat_mean) / self.feat_std * lengths_to_mask(lengths, n)[..., None]
+        steps, n_steps = lengths, n
+        if self.stride > 1:  # stack `stride` frames per step (zeros past the end)
+            n_steps = -(-n // self.stride)
+            x = nn.functional.pad(x, (0, 0, 0, n_steps * self.stride - n)).reshape(batch, n_steps, -1)
+            steps = torch.div(lengths + self.stride - 1, self.stride, rounding_mode="floor")
+        mask = lengths_to_mask(steps, n_steps)
+        x = self._conv(self.conv2, self._conv(self.conv1, x.transpose(1, 2), mask[:, None]), mask[:, None]).transpose(1, 2)
         if self.core == "attention":
-            h = self.proj(x) + _sinusoid(n, self.proj.out_features, x.device)
+            h = self.proj(x) + _sinusoid(n_steps, self.proj.out_features, x.device)
             h = self.attention(h, src_key_padding_mask=~mask)
         elif self.causal:  # output t is read at step t + lookahead (zero inputs past the end)
             h = self.rnn(nn.functional.pad(x, (0, 0, 0, self.lookahead)))[0][:, self.lookahead:]
         else:
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            h = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=n)[0]
-        return {**self._heads(h), "lengths": lengths}
+            packed = pack_padded_sequence(x, steps.cpu(), batch_first=True, enforce_sorted=False)
+            h = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=n_steps)[0]
+        out = self._heads(h)
+        if self.stride > 1:
+            out = {k: None if v is None else v.repeat_interleave(self.stride, dim=1)[:, :n] for k, v in out.items()}
+        return {**out, "lengths": lengths}
 
 
 def _sinusoid(n: int, dim: int, device: torch.device) -> torch.Tensor:

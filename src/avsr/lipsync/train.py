@@ -48,7 +48,8 @@ CURVES = (MOUTH_OPENING,) + BLENDSHAPES  #: every curve the targets offer, in th
 SAMPLES_PER_FRAME = SAMPLE_RATE // 25  # audio samples per 25 fps video frame
 DB_TO_LOG_MAGNITUDE = math.log(10.0) / 20.0  # a gain of g dB adds g * this to a natural-log magnitude
 #: The audio → mouth-opening model of ``make demo`` and the benchmarks (R3MOE's task and core).
-MOUTH_OPENING_ARGS = dict(curves=[MOUTH_OPENING], core="bigru", channels=64, hidden=64, kernel=5, dropout=0.1)
+MOUTH_OPENING_ARGS = dict(curves=[MOUTH_OPENING], core="bigru", channels=64, hidden=64, kernel=3, dropout=0.1,
+                          stride=4)
 NO_LABEL = -1  # viseme label of frames without one (ignored by the loss and the accuracy)
 
 
