@@ -5,9 +5,9 @@ Side by side on the same clips: GRID s1 test (50 clips), ``grid_s4_vid2speech`` 
 speaker never trained on) and the unseen speakers of ``grid_lipnet_samples`` (10 clips, 9
 speakers; evaluation only), for
 
-- ours, one model per core of :mod:`avsr.lipsync.model` (``avsr_bigru``, ``avsr_causal_gru`` with 1
-  mel frame of look-ahead, ``avsr_attention``), each trained on the 450 s1 train clips for the same
-  steps to predict the landmark mouth opening, the 16 ARKit mouth blendshapes and Rhubarb's shapes
+- ours, one model per core of :mod:`avsr.lipsync.model` (``avsr_bigru`` and ``avsr_attention`` at
+  25 steps per second (stride 4), ``avsr_causal_gru`` at 100 with 1 mel frame of look-ahead), each
+  trained on the 450 s1 train clips for the same steps to predict the landmark mouth opening, the 16 ARKit mouth blendshapes and Rhubarb's shapes
   (forced-alignment labels from the phone aligner, :mod:`avsr.lipsync.aligner`);
 - ``energy``: the per-frame mean log-mel energy as the mouth opening (and jaw);
 - ``openfacefx`` (OpenFaceFX 0.24, text + audio -> viseme curves, offline): its transcript path
@@ -66,8 +66,8 @@ from quiet import BenchRun  # noqa: E402
 log = logging.getLogger("bench_lipsync")
 
 S1_IN_LIPNET = "bbaf2n"  # GRID s1, in s1's train split: not an unseen speaker
-CORES = {"avsr_bigru": dict(core="bigru"), "avsr_causal_gru": dict(core="causal_gru", lookahead=1),
-         "avsr_attention": dict(core="attention")}
+CORES = {"avsr_bigru": dict(core="bigru", stride=4), "avsr_causal_gru": dict(core="causal_gru", lookahead=1),
+         "avsr_attention": dict(core="attention", stride=4)}
 MODEL_ARGS = dict(channels=64, hidden=64, kernel=5, dropout=0.1)
 #: Mouth openness of each Rhubarb shape (0 closed .. 1 wide open), from Rhubarb's descriptions of
 #: its shapes (A closed; B slightly open; C open; D wide open; E slightly rounded; F puckered;
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     run = BenchRun.start()
     sets = prepare(work, Path(args.data) if args.data else real_data_dir())
-    aligner_path = work / "aligner.pt"
+    aligner_path = work / f"aligner_{args.aligner_steps}.pt"
     if not aligner_path.is_file():
         save_aligner(train_phone_ctc(load_aligner_data(*sets["train"][:2]), steps=args.aligner_steps), aligner_path)
     aligner = load_aligner(aligner_path)
