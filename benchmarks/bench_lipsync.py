@@ -186,13 +186,31 @@ def speed(model, seconds: float = 60.0) -> dict:
     return out
 
 
+def write_preview_strip(path: Path, model, root: Path, split: str, n: int = 8) -> Path:
+    """The preview (:mod:`avsr.lipsync.preview`) of the first clip of ``split`` at ``n`` evenly spaced
+    frames: the real mouth crop above the mouth drawn from the model's blendshapes and its shape."""
+    from avsr.data.media import read_gray_video
+    from avsr.lipsync.preview import preview_strip
+
+    d = load_lipsync_data(root, split, curves=list(model.curves))
+    d = d.subset([i == 0 for i in range(len(d))])
+    pred = predict(model, d)[0]
+    crops = read_gray_video(read_manifest(root, split)[0].file(root, ".mp4"))
+    t = len(pred["curves"])
+    frames = np.linspace(8, min(t, len(crops)) - 8, n).astype(int)
+    labels = [model.visemes[i] for i in pred["visemes"].argmax(1)] if model.visemes else None
+    return preview_strip(path, pred["curves"], model.curves, frames, labels, crops)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks", help="output folder (writes lipsync.json)")
     parser.add_argument("--work", default="runs/bench_lipsync", help="cache: preprocessed clips, aligner, models")
     parser.add_argument("--data", default=None, help="folder holding the GRID folders (default: $AVSR_DATA)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps of each lip-sync model")
-    parser.add_argument("--aligner-steps", type=int, default=3000)
+    parser.add_argument("--aligner-steps", type=int, default=2000)
+    parser.add_argument("--preview-png", default=str(REPO / "docs" / "lipsync_preview_strip.png"),
+                        help="preview strip of the causal model on the first s1 test clip ('' skips it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_num_threads()
@@ -258,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "its mouth-opening curve is its ARKit jawOpen"}
     out = Path(args.out) / "lipsync.json"
     run.write(out, report)
+    if args.preview_png:
+        causal, _ = load_lipsync_model(work / "models" / f"avsr_causal_gru_{args.steps}.pt")
+        write_preview_strip(Path(args.preview_png), causal, *sets["s1_test"][:2])
     log.info("wrote %s", out)
     return 0
 
