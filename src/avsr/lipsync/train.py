@@ -67,6 +67,7 @@ class LipSyncData:
     curves: list[torch.Tensor] = field(default_factory=list)
     masks: list[torch.Tensor] = field(default_factory=list)
     visemes: list[torch.Tensor] = field(default_factory=list)
+    _mel_rate: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)  # batch()'s cache
 
     def __len__(self) -> int:
         return len(self.utt_ids)
@@ -89,7 +90,10 @@ class LipSyncData:
         ``curve_mask (B, F)`` bool, ``visemes (B, F)`` int64 (:data:`NO_LABEL` past the end)."""
         pad = torch.nn.utils.rnn.pad_sequence
         mels = [self.mels[i] for i in index]
-        ups = [_to_mel_rate(self.curves[i], self.masks[i], self.visemes[i], len(self.mels[i])) for i in index]
+        for i in index:  # the 100 fps targets of a clip, made once
+            if i not in self._mel_rate:
+                self._mel_rate[i] = _to_mel_rate(self.curves[i], self.masks[i], self.visemes[i], len(self.mels[i]))
+        ups = [self._mel_rate[i] for i in index]
         return {"mel": pad(mels, batch_first=True),
                 "mel_lengths": torch.tensor([len(m) for m in mels], dtype=torch.long),
                 "curves": pad([u[0] for u in ups], batch_first=True),
