@@ -78,7 +78,7 @@ def bench_mouth(train: LipSyncData, evals: dict[str, LipSyncData], steps: int, c
     for name, data in evals.items():
         out["energy_baseline"][name] = _summary(curve_metrics(*_masked(energy_envelope_curves(data), data)))
     variants = {"bidirectional": (dict(MOUTH_OPENING_ARGS), steps),
-                "causal_lookahead1": (dict(MOUTH_OPENING_ARGS, core="causal_gru", lookahead=1), causal_steps)}
+                "causal_lookahead1": (dict(MOUTH_OPENING_ARGS, core="causal_gru", lookahead=1, stride=1), causal_steps)}
     for variant, (args, n_steps) in variants.items():
         if n_steps <= 0:
             continue
