@@ -34,6 +34,13 @@ def test_quick_demo_writes_the_report_and_results_file_and_resumes(grid_dir, lip
     bench = json.loads((results / "grid_s1.json").read_text())
     assert set(bench) == {"commit", "minutes", "wer", "wer_unseen", "mouth_opening_pearson", "lip2speech"}
     assert set(bench["minutes"]["train"]) == set(demo.MODES)
+    # audio and video trained as 2-process DDP runs, the two AV modes side by side from the finished
+    # lip reader, each with its own console log
+    for mode in demo.MODES:
+        console = (work / "exp" / mode / "console.log").read_text()
+        assert "validation" in console
+        assert f"device cpu, {1 if mode.startswith('audiovisual') else 2} rank(s)" in console, mode
+    assert bench["minutes"]["train_wall"] < sum(bench["minutes"]["train"].values())
     assert set(bench["wer"]) == set(demo.MODES) == set(bench["wer_unseen"])
     for mode in demo.MODES:
         assert set(bench["wer"][mode]) == set(demo.WER_KEYS)
@@ -60,6 +67,23 @@ def test_quick_demo_writes_the_report_and_results_file_and_resumes(grid_dir, lip
     stamps = {m: p.stat().st_mtime_ns for m, p in ckpts.items()}
     assert demo.main(argv) == 0
     assert {m: p.stat().st_mtime_ns for m, p in ckpts.items()} == stamps
+
+
+def test_training_rounds_follow_the_models_each_mode_starts_from():
+    demo = _demo()
+    assert demo._train_waves(list(demo.MODES)) == [["audio"], ["video"], ["audiovisual", "audiovisual_relscore"]]
+    assert demo._train_waves(["video", "audiovisual"]) == [["video"], ["audiovisual"]]
+    assert demo._train_waves(["audio", "audiovisual"]) == [["audio"], ["audiovisual"]]
+
+
+def test_a_failed_side_by_side_training_names_the_mode_and_its_log(tmp_path):
+    demo = _demo()
+    logs = {m: tmp_path / f"{m}.log" for m in ("ok", "bad")}
+    cmds = {"ok": ["-c", "print('fine')"], "bad": ["-c", "import sys; print('broken clip'); sys.exit(3)"]}
+    with pytest.raises(RuntimeError, match=r"bad \(exit status 3, see .*bad\.log\)") as err:
+        demo._train_together(cmds, logs, threads=1)
+    assert "ok (" not in str(err.value)
+    assert logs["bad"].read_text().strip() == "broken clip" and logs["ok"].read_text().strip() == "fine"
 
 
 def test_parity_needs_the_demo_models_and_says_which_are_missing(tmp_path, caplog, monkeypatch):

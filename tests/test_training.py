@@ -374,3 +374,24 @@ def test_gradient_accumulation_steps_once_per_group_and_bf16_trains_on_cpu(grid_
     assert bf16.step == 2 and bf16.nonfinite == 0
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         Trainer(_cfg(grid_prepared, tmp_path / "fp16", *common, "train.precision=fp16"))
+
+
+def test_average_last_writes_the_mean_of_the_newest_step_checkpoints_and_checks_its_bound(grid_prepared, tmp_path):
+    """train.average_last=2 over 3 one-step epochs: average.pt holds the mean of step-2 and step-3
+    (not step-1), and the training model ends with those weights; more than keep_last is an error."""
+    from avsr.training.loop import Trainer
+
+    common = ("data.num_workers=0", "data.max_clips=1", "data.max_frames=75", "train.epochs=1000", "train.max_steps=3",
+              "train.eval_step=100", "train.save_step=1", "train.warmup_steps=1", "data.val_split=train")
+    with one_thread():
+        trainer = Trainer(_cfg(grid_prepared, tmp_path / "exp", *common, "train.keep_last=3", "train.average_last=2"))
+        trainer.fit()
+    exp = tmp_path / "exp"
+    steps = {n: load_checkpoint(exp / f"step-{n}.pt")["model"] for n in (1, 2, 3)}
+    avg = load_checkpoint(exp / "average.pt")["model"]
+    name = next(k for k, v in avg.items() if v.is_floating_point() and not torch.equal(steps[2][k], steps[3][k]))
+    assert torch.allclose(avg[name], (steps[2][name] + steps[3][name]) / 2, atol=1e-6)
+    assert not torch.allclose(avg[name], (steps[1][name] + steps[2][name] + steps[3][name]) / 3, atol=1e-6)
+    assert torch.equal(trainer.model.state_dict()[name], avg[name])
+    with pytest.raises(ValueError, match="average_last .* between 0 and train.keep_last"):
+        Trainer(_cfg(grid_prepared, tmp_path / "bad", *common, "train.keep_last=2", "train.average_last=3"))

@@ -152,6 +152,7 @@ class TrainConfig:
     save_step: int = 500  # checkpoint every N optimiser steps
     save_epoch_end: bool = True  # also checkpoint at the end of every epoch
     keep_last: int = 5  # periodic checkpoints kept on disk
+    average_last: int = 0  # > 1: at the end, average.pt = the mean of the newest N step checkpoints (<= keep_last)
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     log_step: int = 20
     init_from: str = ""  # initialise weights (not optimiser) from a checkpoint, where names and shapes fit

@@ -45,9 +45,11 @@ from avsr.training.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    step_checkpoints,
     tokenizer_from_state,
     tokenizer_to_tensor,
 )
+from avsr.training.averaging import average_checkpoints
 from avsr.training.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, unwrap, wrap_model
 from avsr.training.monitor import Monitor
 from avsr.training.schedules import build_scheduler
@@ -324,6 +326,9 @@ class Trainer:
         tcfg, dcfg = cfg.train, cfg.data
         if tcfg.accum_grad < 1:
             raise ValueError(f"train.accum_grad must be >= 1, got {tcfg.accum_grad}")
+        if not 0 <= tcfg.average_last <= tcfg.keep_last:
+            raise ValueError(f"train.average_last ({tcfg.average_last}) must be between 0 and train.keep_last "
+                             f"({tcfg.keep_last}): only the kept step checkpoints can be averaged")
         if tcfg.init_visual_share and not tcfg.init_visual_from:
             raise ValueError("train.init_visual_share needs the lip-reading model in train.init_visual_from")
         self.exp_dir = Path(tcfg.exp_dir)
@@ -609,7 +614,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> Path:
-        """Train until ``train.epochs`` epochs or ``train.max_steps`` steps; the last checkpoint path."""
+        """Train until ``train.epochs`` epochs or ``train.max_steps`` steps; the path of the model it
+        ends with: ``average.pt`` with ``train.average_last > 1``, else the last checkpoint."""
         tcfg = self.cfg.train
         self.model.train()
         try:
@@ -624,9 +630,28 @@ class Trainer:
                 last = self.epoch >= tcfg.epochs
                 val = self._validate() if last and self._last_eval != self.step else None
                 self._save(0, val, periodic=tcfg.save_epoch_end or last)
+            if tcfg.average_last > 1:
+                return self._write_average(tcfg.average_last)
         finally:
             self.monitor.close()
         return self.exp_dir / "last.pt"
+
+    def _write_average(self, n: int) -> Path:
+        """``average.pt``: the element-wise mean of the newest ``n`` step checkpoints (model averaging
+        as in icefall and ESPnet; :func:`~avsr.training.averaging.average_checkpoints`), validated and
+        logged. The training model ends holding the averaged weights."""
+        path = self.exp_dir / "average.pt"
+        if self.env.is_main:
+            found = [p for _, p in step_checkpoints(self.exp_dir)][-n:]
+            save_checkpoint(average_checkpoints(found), path)
+            log.info("wrote %s: the mean of %s", path, ", ".join(p.name for p in found))
+        barrier(self.env)
+        unwrap(self.model).load_state_dict(load_checkpoint(path)["model"])
+        val = self._validate()
+        if val is not None:
+            log.info("averaged model: validation WER %.2f%% (best single checkpoint %.2f%%)", 100 * val.wer,
+                     100 * self.best_wer)
+        return path
 
     def _run_epoch(self) -> None:
         tcfg = self.cfg.train
