@@ -45,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start_script()
     work, results = Path(args.work).resolve(), Path(args.results).resolve()
-    demo = {m: work / "exp" / m / "best.pt" for m in ("audio", "video", "audiovisual", "audiovisual_relscore")}
-    missing = [str(c) for c in demo.values() if not c.is_file()]
+    # the models make demo reports: each mode's DONE.json names it (the averaged model where the recipe averages)
+    done = {m: work / "exp" / m / "DONE.json" for m in ("audio", "video", "audiovisual", "audiovisual_relscore")}
+    missing = [str(d) for d in done.values() if not d.is_file()]
     if missing:
         log.error("run make demo first: missing %s", ", ".join(missing))
         return 2
+    demo = {m: Path(json.loads(d.read_text(encoding="utf-8"))["checkpoint"]) for m, d in done.items()}
     minutes, systems = {}, [demo["audiovisual"], demo["audiovisual_relscore"]]
     for name, overrides in VARIANTS.items():
         exp = work / "exp" / f"relscore_{name}"
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"train.exp_dir={exp}", f"train.init_from={demo['audio']}",
                    f"train.init_visual_from={demo['video']}", *overrides]
             _run(cmd + (["--resume"] if any(exp.glob("step-*.pt")) else []))
-            shutil.copyfile(exp / "best.pt", ckpt)
+            shutil.copyfile(next(p for p in (exp / "average.pt", exp / "best.pt") if p.is_file()), ckpt)
             minutes[name] = round((time.perf_counter() - t0) / 60, 2)
         systems.append(ckpt)
     out = results / "results.json"

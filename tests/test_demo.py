@@ -94,9 +94,9 @@ def test_parity_needs_the_demo_models_and_says_which_are_missing(tmp_path, caplo
     parity = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(parity)
     (tmp_path / "exp" / "audio").mkdir(parents=True)
-    (tmp_path / "exp" / "audio" / "best.pt").write_bytes(b"")
+    (tmp_path / "exp" / "audio" / "DONE.json").write_text('{"checkpoint": "x.pt"}')
     with caplog.at_level("ERROR"):
         assert parity.main(["--work", str(tmp_path), "--bench", str(tmp_path / "p.json")]) == 2
-    assert "run make demo first" in caplog.text and "exp/video/best.pt" in caplog.text
+    assert "run make demo first" in caplog.text and "exp/video/DONE.json" in caplog.text
     assert "exp/audio/" not in caplog.text
     assert not (tmp_path / "p.json").exists()
