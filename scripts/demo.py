@@ -222,6 +222,8 @@ def train_stage(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     recipe averages, ``train.average_last``, else the best on validation) and minutes. With ``--jobs``
     above 1 the modes of a round (``_train_waves``) train side by side and a mode alone in its round
     trains as DDP (:func:`_parallel_command`), sharing the CPU threads."""
+    from avsr.training.checkpoint import final_model
+
     out: dict[str, dict] = {}
     for wave in _train_waves(list(args.modes)):
         todo = []
@@ -244,9 +246,8 @@ def train_stage(args: argparse.Namespace, work: Path) -> dict[str, dict]:
                                        max(1, int(os.environ.get("AVSR_THREADS", "2")) // jobs))
             for mode in group:
                 exp = work / "exp" / mode
-                model = next(p for p in (exp / "average.pt", exp / "best.pt", exp / "last.pt") if p.exists())
                 # minutes of this run's part only, after a resume
-                record = {"checkpoint": str(model), "minutes": round(took[mode], 2)}
+                record = {"checkpoint": str(final_model(exp)), "minutes": round(took[mode], 2)}
                 _write_json(exp / "DONE.json", record)
                 out[mode] = record
     return out
@@ -416,7 +417,7 @@ def write_report(results: Path, bench: dict, aux: dict, prep: dict, sheet: Optio
              f"Commit `{bench['commit'][:12]}`. Minutes on this machine: "
              + ", ".join(f"{k} {v:.1f}" for k, v in bench["minutes"].items() if not isinstance(v, dict))
              + " (training per mode: " + ", ".join(f"{m} {v:.1f}" for m, v in bench["minutes"]["train"].items())
-             + "; the AV modes train side by side).", "",
+             + ").", "",
              f"Data: {prep['s1']['kept']} GRID s1 clips preprocessed "
              f"({len(prep['s1']['failed'])} skipped: {'; '.join(prep['s1']['failed']) or 'none'}). "
              "s1 test = 50 clips / 300 words (one word = 0.33% WER); unseen speakers = 10 clips / 60 words "
@@ -480,7 +481,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         t0 = time.perf_counter()
         trained = train_stage(args, work)
         minutes["train"] = {m: trained[m]["minutes"] for m in args.modes}  # each mode's own wall time
-        minutes["train_wall"] = round((time.perf_counter() - t0) / 60, 2)  # the AV modes train side by side
+        minutes["train_wall"] = round((time.perf_counter() - t0) / 60, 2)  # the stage's: modes may train side by side
         t0 = time.perf_counter()
         tested = test_stage(args, work, results, trained, protocols)
         minutes["test"] = round((time.perf_counter() - t0) / 60, 2)

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench", default=str(REPO / "benchmarks/grid_parity.json"))
     args = p.parse_args(argv)
     start_script()
+    from avsr.training.checkpoint import final_model
+
     work, results = Path(args.work).resolve(), Path(args.results).resolve()
     # the models make demo reports: each mode's DONE.json names it (the averaged model where the recipe averages)
     done = {m: work / "exp" / m / "DONE.json" for m in ("audio", "video", "audiovisual", "audiovisual_relscore")}
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"train.exp_dir={exp}", f"train.init_from={demo['audio']}",
                    f"train.init_visual_from={demo['video']}", *overrides]
             _run(cmd + (["--resume"] if any(exp.glob("step-*.pt")) else []))
-            shutil.copyfile(next(p for p in (exp / "average.pt", exp / "best.pt") if p.is_file()), ckpt)
+            shutil.copyfile(final_model(exp), ckpt)
             minutes[name] = round((time.perf_counter() - t0) / 60, 2)
         systems.append(ckpt)
     out = results / "results.json"

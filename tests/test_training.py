@@ -395,3 +395,13 @@ def test_average_last_writes_the_mean_of_the_newest_step_checkpoints_and_checks_
     assert torch.equal(trainer.model.state_dict()[name], avg[name])
     with pytest.raises(ValueError, match="average_last .* between 0 and train.keep_last"):
         Trainer(_cfg(grid_prepared, tmp_path / "bad", *common, "train.keep_last=2", "train.average_last=3"))
+
+
+def test_final_model_prefers_the_average_then_the_best_then_the_last(tmp_path):
+    from avsr.training.checkpoint import final_model
+
+    with pytest.raises(FileNotFoundError, match="no trained model"):
+        final_model(tmp_path)
+    for name, want in (("last.pt", "last.pt"), ("best.pt", "best.pt"), ("average.pt", "average.pt")):
+        (tmp_path / name).write_bytes(b"")
+        assert final_model(tmp_path) == tmp_path / want

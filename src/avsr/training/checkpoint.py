@@ -10,8 +10,9 @@ A checkpoint is a ``dict`` of tensors and plain Python containers, so it loads w
     optimizer, scheduler, scaler, sampler, rng, trainer   (training checkpoints only)
 
 Files in an experiment folder: ``step-<N>.pt`` (the last ``keep_last`` kept), ``last.pt`` (the
-newest) and ``best.pt`` (best validation WER); the latter two are hard links where the file
-system allows, so they cost no space.
+newest), ``best.pt`` (best validation WER) and, with ``train.average_last``, ``average.pt``
+(the mean of the newest step checkpoints); ``last.pt`` and ``best.pt`` are hard links where the
+file system allows, so they cost no space.
 """
 
 from __future__ import annotations
@@ -124,6 +125,16 @@ def step_checkpoints(exp_dir: str | Path) -> list[tuple[int, Path]]:
         if m:
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def final_model(exp_dir: str | Path) -> Path:
+    """The model a finished run in ``exp_dir`` delivers: ``average.pt`` (``train.average_last``),
+    else ``best.pt`` (best validation WER), else ``last.pt``. Raises ``FileNotFoundError`` when
+    ``exp_dir`` holds none of them."""
+    for name in ("average.pt", "best.pt", "last.pt"):
+        if (Path(exp_dir) / name).is_file():
+            return Path(exp_dir) / name
+    raise FileNotFoundError(f"no trained model (average.pt, best.pt or last.pt) in {exp_dir}")
 
 
 def latest_checkpoint(exp_dir: str | Path) -> Optional[Path]:
