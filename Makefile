@@ -42,8 +42,10 @@ aligner: $(STAMP)
 	test -f runs/grid/grid/train.tsv || $(MAKE) demo
 	$(PY) scripts/train_aligner.py --data runs/grid/grid --grid-dir $(GRID_DIR)
 
-# the lip-sync models (three cores) against OpenFaceFX and an energy baseline (see benchmarks/bench_lipsync.py)
+# the lip-sync models (three cores) against OpenFaceFX, pylipsync and an energy baseline (see
+# benchmarks/bench_lipsync.py); the peers are the `lipsync-bench` extra, pinned by requirements.txt
 lipsync-bench: $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation -c requirements.txt -e ".[lipsync-bench]"
 	$(PY) benchmarks/bench_lipsync.py --out benchmarks
 
 bench: $(STAMP)

@@ -13,8 +13,11 @@ speakers; evaluation only), for
 - ``openfacefx`` (OpenFaceFX 0.24, text + audio -> viseme curves, offline): its transcript path
   (``generate_naive``: the transcript's phones spread over the audio's duration, coarticulated),
   retargeted to ARKit for ``jawOpen`` and to Rhubarb's shapes for the cues;
-- ``pylipsync`` (a port of uLipSync) is not run: it needs librosa and a per-voice MFCC profile
-  recorded by the user; its keys are ``null``.
+- ``pylipsync`` (pylipsync 0.2.1, a port of uLipSync: MFCC templates of five vowels and silence,
+  cosine similarity, volume-weighted), out of the box: its bundled templates (one female voice)
+  and default thresholds, no calibration to these speakers, at 25 fps on the 16 kHz audio. Its
+  vowels map to Rhubarb's shapes (``PYLIPSYNC_SHAPES``); its mouth opening (and jaw) is the
+  openness its vowel targets imply, as for the cues.
 
 Metrics per test set (face-detected frames; "pooled" = every frame of every clip after each
 speaker's prediction and truth are standardised on that speaker's frames):
@@ -25,11 +28,15 @@ speaker's prediction and truth are standardised on that speaker's frames):
 - ``openness_from_output_r``: the openness its mouth shapes imply, the same table for every system
   (:data:`RHUBARB_OPENNESS`, expected value under our viseme posteriors, the cue's shape for
   OpenFaceFX), against the landmark opening; for ``energy``, its envelope;
-- ``viseme_accuracy``: frames whose Rhubarb shape is the forced-alignment label.
+- ``viseme_accuracy``: frames whose Rhubarb shape is the forced-alignment label;
+- ``blendshape_r``: pooled r of each ARKit blendshape the system outputs against its landmark
+  measure (:mod:`avsr.lipsync.targets`; OpenFaceFX: the channels its ARKit retarget moves).
 
 Speed (one thread, a quiet machine): real-time factor as audio seconds per second of compute for
 60 s of speech, log-mel included; for the causal core also streamed in 10 ms hops, with its
-look-ahead (``lookahead_ms``: audio past a frame that the frame waits for) and the compute per hop.
+look-ahead (``lookahead_ms``: audio past a frame that the frame waits for) and the compute per hop,
+in PyTorch (:class:`avsr.lipsync.model.LipSyncStream`) and as a game engine would run it (the ONNX
+export of one hop in onnxruntime, fed by the same streaming log-mel).
 
     .venv/bin/python benchmarks/bench_lipsync.py --out benchmarks [--work runs/bench_lipsync]
 """
@@ -59,6 +66,7 @@ from avsr.lipsync.aligner import clip_visemes, load_aligner, load_aligner_data, 
 from avsr.lipsync.model import WINDOW_AHEAD_MS, LipSyncStream, load_lipsync_model  # noqa: E402
 from avsr.lipsync.train import (CURVES, MOUTH_OPENING, LipSyncTrainConfig, energy_envelope_curves,  # noqa: E402
                                 load_lipsync_data, predict, save_lipsync_checkpoint, train_lipsync_model)
+from avsr.lipsync.targets import BLENDSHAPES  # noqa: E402
 from avsr.lipsync.visemes import RHUBARB, RHUBARB_SHAPES  # noqa: E402
 from avsr.utils import real_data_dir, set_num_threads  # noqa: E402
 from quiet import BenchRun  # noqa: E402
@@ -118,10 +126,12 @@ def score(curves: dict[str, list[np.ndarray]], shapes: list[list[str]] | None, o
     masks = [m.numpy() for m in data.masks]
     opening = _r(curves[MOUTH_OPENING], data.curve(MOUTH_OPENING), masks, speakers)
     jaw = _r(curves["jawOpen"], data.curve("jawOpen"), masks, speakers) if curves.get("jawOpen") else None
+    blendshapes = {c: _r(curves[c], data.curve(c), masks, speakers)["pooled"] for c in BLENDSHAPES if c in curves}
     return {"mouth_opening_r": opening["pooled"], "jawOpen_r": jaw["pooled"] if jaw else None,
             "mouth_opening_r_utt_mean": opening["utt_mean"],
             "openness_from_output_r": _r(openness, data.curve(MOUTH_OPENING), masks, speakers)["pooled"],
-            "viseme_accuracy": None if shapes is None else _accuracy(shapes, truth_visemes, data.utt_ids)}
+            "viseme_accuracy": None if shapes is None else _accuracy(shapes, truth_visemes, data.utt_ids),
+            "blendshape_r": blendshapes or None}
 
 
 def ours(model, data) -> tuple[dict, list[list[str]], list[np.ndarray]]:
@@ -130,6 +140,29 @@ def ours(model, data) -> tuple[dict, list[list[str]], list[np.ndarray]]:
     curves = {c: [p["curves"][:, k] for p in preds] for k, c in enumerate(model.curves)}
     shapes = [[model.visemes[i] for i in p["visemes"].argmax(1)] for p in preds]
     return curves, shapes, [p["visemes"] @ table for p in preds]
+
+
+#: pylipsync's vowels as Rhubarb shapes, after Rhubarb's own phone rules (AA: D wide open; IY and
+#: IH: B; OW: E slightly rounded; UW: F puckered) and the silence class as X.
+PYLIPSYNC_SHAPES = {"aa": "D", "ee": "B", "ih": "B", "oh": "E", "ou": "F", "silence": "X"}
+
+
+def pylipsync(data, wavs: list[Path]) -> tuple[dict, list[list[str]], list[np.ndarray]]:
+    """pylipsync at 25 fps: per frame the dominant vowel as a Rhubarb shape, and the openness of
+    its volume-weighted vowel targets (:data:`RHUBARB_OPENNESS`) as the mouth-opening curve."""
+    import soundfile as sf
+    from pylipsync import PhonemeAnalyzer
+
+    analyzer = PhonemeAnalyzer()
+    opening, shapes = [], []
+    for wav, c in zip(wavs, data.curves):
+        audio, sr = sf.read(str(wav), dtype="float32", always_2d=False)
+        segments = analyzer.extract_phoneme_segments(audio, sr, fps=25)[: len(c)]
+        opening.append(np.array([sum(RHUBARB_OPENNESS[PYLIPSYNC_SHAPES[p.name]] * p.target for p in seg.phonemes)
+                                 for seg in segments]))
+        shapes.append([PYLIPSYNC_SHAPES[seg.dominant_phoneme.name] if any(p.target for p in seg.phonemes) else "X"
+                       for seg in segments])
+    return {MOUTH_OPENING: opening, "jawOpen": opening}, shapes, opening
 
 
 def openfacefx(data, durations: list[float], transcripts: list[str]) -> tuple[dict, list[list[str]], list[np.ndarray]]:
@@ -142,22 +175,54 @@ def openfacefx(data, durations: list[float], transcripts: list[str]) -> tuple[di
     from avsr.lipsync.export import read_rhubarb_tsv
 
     jaws, shapes = [], []
+    arkit_curves: dict[str, list[np.ndarray]] = {c: [] for c in BLENDSHAPES}
     with tempfile.TemporaryDirectory() as tmp:
         for utt, dur, text, c in zip(data.utt_ids, durations, transcripts, data.curves):
             track = generate_naive(text.lower(), dur, fps=100.0)
             t = (np.arange(len(c)) + 0.5) / 25.0
             arkit = {ch.name: ch for ch in retarget(track, PRESETS["arkit"]).channels}
             jaws.append(sample(arkit["jawOpen"], t) if "jawOpen" in arkit else np.zeros(len(t)))
+            for name in BLENDSHAPES:
+                arkit_curves[name].append(sample(arkit[name], t) if name in arkit else np.zeros(len(t)))
             write_rhubarb_tsv(track, f"{tmp}/{utt}.tsv", retarget_preset="rhubarb")
             cues = read_rhubarb_tsv(Path(f"{tmp}/{utt}.tsv").read_text())
             shapes.append([next((v for s, e, v in cues if s <= x < e), "X") for x in t])
     openness = [np.array([RHUBARB_OPENNESS.get(v, 0.0) for v in s]) for s in shapes]
-    return {MOUTH_OPENING: jaws, "jawOpen": jaws}, shapes, openness
+    moving = {n: v for n, v in arkit_curves.items() if any(float(np.ptp(x)) > 0 for x in v)}
+    return {MOUTH_OPENING: jaws, "jawOpen": jaws, **moving}, shapes, openness
 
 
-def speed(model, seconds: float = 60.0) -> dict:
-    """One-thread real-time factor offline (and streamed for the causal core); ``model=None``: the
-    energy envelope."""
+def onnx_streaming(checkpoint: Path, wave: torch.Tensor, hops: tuple[int, ...] = (160, 640)) -> dict[int, float]:
+    """Wall seconds to stream ``wave`` in hops of each of ``hops`` samples (10 ms; 40 ms, one 25 fps
+    video frame) as a game engine would: the causal core's ONNX export (``avsr export --part
+    lipsync``) in onnxruntime on one thread, fed by :class:`avsr.audio_features.LogMelStream`."""
+    import onnxruntime as ort
+
+    from avsr.audio_features import LogMelStream
+    from avsr.export import LIPSYNC_INPUTS, export_lipsync
+    from avsr.lipsync.model import LipSyncStep
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        export_lipsync(checkpoint, "onnx", f"{tmp}/lipsync.onnx")
+        session = ort.InferenceSession(f"{tmp}/lipsync.onnx", opts, providers=["CPUExecutionProvider"])
+    initial = [t.numpy() for t in LipSyncStep(load_lipsync_model(checkpoint)[0]).initial_state()]
+    walls = {}
+    for hop in hops:
+        mel, state = LogMelStream(), initial
+        t0 = time.perf_counter()
+        for i in range(0, len(wave), hop):
+            frames = mel.push(wave[i:i + hop])
+            if len(frames):
+                state = session.run(None, dict(zip(LIPSYNC_INPUTS, (frames.numpy()[None], *state))))[2:]
+        walls[hop] = time.perf_counter() - t0
+    return walls
+
+
+def speed(model, seconds: float = 60.0, checkpoint: Path | None = None) -> dict:
+    """One-thread real-time factor offline (and streamed for the causal core, in PyTorch and
+    through its ONNX export from ``checkpoint``); ``model=None``: the energy envelope."""
     from avsr.audio_features import log_mel
 
     torch.set_num_threads(1)
@@ -182,6 +247,11 @@ def speed(model, seconds: float = 60.0) -> dict:
         wall = time.perf_counter() - t0
         out.update(x_real_time_streaming_one_core=round(seconds / wall, 1),
                    compute_ms_per_10ms_hop=round(1000 * wall / (len(wave) / 160), 3))
+        if checkpoint is not None:
+            walls = onnx_streaming(checkpoint, wave)
+            out.update(x_real_time_streaming_onnx_one_core=round(seconds / walls[160], 1),
+                       compute_ms_per_10ms_hop_onnx=round(1000 * walls[160] / (len(wave) / 160), 3),
+                       x_real_time_streaming_onnx_40ms_hops_one_core=round(seconds / walls[640], 1))
     torch.set_num_threads(2)
     return out
 
@@ -247,14 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             if name != "train":
                 spk = [sets[name][2].get(u, "") for u in d.utt_ids]
                 report["systems"][system][name] = score(*ours(model, d), d, labels[name], spk)
-        report["speed"][system] = speed(model)
+        report["speed"][system] = speed(model, checkpoint=path)
         log.info("%s: %s", system, report["systems"][system])
-    report["systems"]["pylipsync"] = {n: dict.fromkeys(("mouth_opening_r", "jawOpen_r", "mouth_opening_r_utt_mean",
-                                                         "openness_from_output_r", "viseme_accuracy"))
-                                      for n in report["test_sets"]}
-    report["speed"]["pylipsync"] = {"x_real_time_one_core": None, "lookahead_ms": None}
-    report["systems"]["energy"], report["systems"]["openfacefx"] = {}, {}
-    audio_s, ofx_s = 0.0, 0.0
+    for peer in ("energy", "openfacefx", "pylipsync"):
+        report["systems"][peer] = {}
+    audio_s, ofx_s, pyl_s = 0.0, 0.0, 0.0
     for name, d in data.items():
         if name == "train":
             continue
@@ -268,10 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         ofx_s += time.perf_counter() - t0
         audio_s += sum(durations)
         report["systems"]["openfacefx"][name] = score(*out, d, labels[name], spk)
+        t0 = time.perf_counter()
+        out = pylipsync(d, [rows[name][u].file(sets[name][0], ".wav") for u in d.utt_ids])
+        pyl_s += time.perf_counter() - t0
+        report["systems"]["pylipsync"][name] = score(*out, d, labels[name], spk)
     # OpenFaceFX reads no audio here (only its duration): its speed is per second of track made
     report["speed"]["openfacefx"] = {"x_real_time_one_core": round(audio_s / ofx_s, 1), "lookahead_ms": None}
+    report["speed"]["pylipsync"] = {"x_real_time_one_core": round(audio_s / pyl_s, 1), "lookahead_ms": 32.0}
     report["speed"]["energy"] = speed(None)
-    report["notes"] = {"pylipsync": "not run: needs librosa and a per-voice MFCC profile recorded by the user",
+    report["notes"] = {"pylipsync": "pylipsync 0.2.1 out of the box (bundled vowel templates, default thresholds), "
+                                    "25 fps; vowels as Rhubarb shapes (PYLIPSYNC_SHAPES); its mouth opening is "
+                                    "the openness of its volume-weighted vowel targets; speed over the test clips "
+                                    "(librosa MFCC), look-ahead half its 64 ms window",
                        "openfacefx": "transcript path (generate_naive): the words spread over the clip's duration; "
                                      "its mouth-opening curve is its ARKit jawOpen"}
     out = Path(args.out) / "lipsync.json"

@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--batch-size", type=int, default=d.batch_size)
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--gain-db", type=float, default=d.gain_db)
+    t.add_argument("--freq-warp", type=float, default=d.freq_warp,
+                   help="vocal-tract-length warp of the mel axis by up to +-this fraction (0 = off)")
     t.add_argument("--viseme-weight", type=float, default=d.viseme_weight)
     t.add_argument("--rdrop", type=float, default=d.rdrop_weight, help="R-Drop consistency weight (0 = off)")
     t.add_argument("--mean-teacher", type=float, default=d.mean_teacher_weight,
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                           hidden=args.hidden, num_layers=args.num_layers, kernel=args.kernel, dropout=args.dropout,
                           lookahead=args.lookahead)
         cfg = LipSyncTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, gain_db=args.gain_db,
+                                 freq_warp=args.freq_warp,
                                  viseme_weight=args.viseme_weight, rdrop_weight=args.rdrop,
                                  mean_teacher_weight=args.mean_teacher, ema_decay=args.ema_decay,
                                  rampup_steps=args.rampup_steps, seed=args.seed)

@@ -20,7 +20,7 @@ from avsr.evaluation.aux_metrics import curve_metrics, mae, pearson_r, r2_score,
 from avsr.evaluation.curves import curve_csv, curve_json, plot_curves, resample_curve, write_curve
 from avsr.models.heads import (Lip2SpeechDecoder, Lip2SpeechLoss, MouthOpeningHead, mouth_opening_loss,
                                reference_mel)
-from avsr.lipsync.model import LipSyncModel, load_lipsync_model
+from avsr.lipsync.model import load_lipsync_model
 from avsr.lipsync.train import (MOUTH_OPENING, LipSyncTrainConfig, energy_envelope_curves, evaluate_lipsync_model,
                                 load_lipsync_data, train_lipsync_model)
 
@@ -170,7 +170,9 @@ def test_landmark_mouth_opening_follows_audio_energy(mouth_data) -> None:
 
 @pytest.mark.slow
 def test_audio_to_mouth_opening_learns(mouth_data) -> None:
-    """Trained briefly on 41 GRID s1 train clips, the model follows the s1 test mouth (Pearson r >= 0.6)."""
+    """Trained briefly on 41 GRID s1 train clips, the model follows the s1 test mouth (Pearson r >= 0.6),
+    well ahead of the audio-energy envelope (an untrained model's r depends on its random init: from
+    -0.2 to 0.67 over four seeds, so it is no baseline)."""
     train, test = mouth_data
     args = dict(curves=[MOUTH_OPENING], channels=32, hidden=32)
     model, history = train_lipsync_model(train, args, LipSyncTrainConfig(steps=250, batch_size=16))
@@ -178,10 +180,10 @@ def test_audio_to_mouth_opening_learns(mouth_data) -> None:
     assert metrics["n_utterances"] == 50
     assert metrics["pooled"]["pearson"] >= 0.6, metrics["pooled"]
     assert np.mean(history["loss"][-25:]) < 0.5 * np.mean(history["loss"][:25])
-    untrained = LipSyncModel(**args).eval()
-    untrained.set_stats(model.feat_mean, model.feat_std, model.target_mean, model.target_std)
-    assert evaluate_lipsync_model(untrained, test)["curves"][MOUTH_OPENING]["pooled"]["pearson"] < \
-        metrics["pooled"]["pearson"] - 0.2
+    masks = [m.numpy() for m in test.masks]
+    energy = pearson_r(np.concatenate([e[m] for e, m in zip(energy_envelope_curves(test), masks)]),
+                       np.concatenate([t[m] for t, m in zip(test.curve(MOUTH_OPENING), masks)]))
+    assert metrics["pooled"]["pearson"] > energy + 0.1, (metrics["pooled"], energy)
 
 
 def test_train_script_with_rdrop_and_mean_teacher(mouth_corpus: Path, tmp_path: Path) -> None:

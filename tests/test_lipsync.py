@@ -218,3 +218,40 @@ def test_aligner_script_trains_saves_and_reports_both_checks(grid_prepared, grid
     assert report["train_clips"] == 4 and report["validation_holdout"]["clips"] == 2 and report["test"]["clips"] == 3
     assert report["test"]["word_onset_ms"]["words"] == 18
     assert 0.0 <= report["test"]["video_check_viseme15_PP_vs_aa"] <= 1.0
+
+
+def test_word_timed_visemes_close_the_mouth_where_the_video_does(grid_prepared, grid_dir):
+    """Visemes from word times alone, as the recogniser's own alignment gives them (here GRID's word
+    alignments stand in for it): every phone in order, silence before the first word, and the
+    lip-sync issue's video check (a smaller landmark mouth opening on Rhubarb A frames than on C/D
+    frames of the same clip in at least 90% of clips)."""
+    from avsr.lipsync.aligner import frame_visemes, opening_check, phone_frames, word_phone_spans
+    from avsr.lipsync.visemes import RHUBARB, transcript_phones
+
+    visemes, opening = {}, {}
+    for split in ("train", "test"):
+        for row in read_manifest(grid_prepared, split):
+            words = [(w, s / 25, e / 25) for s, e, w in read_align(grid_dir / "align" / f"{row.utt_id}.align")
+                     if w not in _SILENCE]
+            spans = word_phone_spans(words)
+            assert [p for p, _, _ in spans] == transcript_phones(" ".join(w for w, _, _ in words))
+            with np.load(row.file(grid_prepared, ".npz")) as z:
+                opening[row.utt_id] = z["mouth_opening"]
+            frames = phone_frames(spans, len(opening[row.utt_id]))
+            assert set(frames[: int(words[0][1] * 25) - 1]) <= {"sil"}, row.utt_id
+            visemes[row.utt_id] = frame_visemes(frames, RHUBARB)
+    score, clips = opening_check(visemes, opening, ["A"], ["C", "D"])
+    assert clips >= 5 and score >= 0.9, (score, clips)
+
+
+def test_word_timed_visemes_spell_a_non_word_and_reject_words_out_of_order():
+    from avsr.lipsync.aligner import word_phone_spans
+
+    spans = word_phone_spans([("bin", 0.5, 0.8), ("bluz", 0.8, 1.2)])
+    assert [p for p, _, _ in spans] == ["B", "IH", "N", "B", "L", "AH", "Z"]
+    assert spans[0][1] == int(0.5 * 50 + 0.5 * 0.3 * 50 / 3) and all(s < t for (_, s, _), (_, t, _) in
+                                                                    zip(spans, spans[1:]))
+    with pytest.raises(ValueError, match="before the word before it"):
+        word_phone_spans([("bin", 0.5, 0.8), ("blue", 0.1, 0.3)])
+    with pytest.raises(ValueError, match="no letter"):
+        word_phone_spans([("42", 0.0, 0.2)])

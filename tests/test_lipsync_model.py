@@ -156,6 +156,20 @@ def test_curve_and_viseme_heads_learn_a_toy_task_with_rdrop_and_mean_teacher() -
         train_lipsync_model(train, dict(args, curves=["jawOpen"]), cfg)
 
 
+def test_mel_axis_warp_moves_a_formant_and_keeps_identity_and_shape() -> None:
+    from avsr.lipsync.train import warp_mel_axis
+
+    mel = torch.full((2, 7, 80), -5.0)
+    mel[:, :, 40] = 3.0  # one "formant" at bin 40
+    out = warp_mel_axis(mel, torch.tensor([1.0, 1.25]))
+    assert out.shape == mel.shape
+    torch.testing.assert_close(out[0], mel[0])
+    assert int(out[1, 0].argmax()) == 32  # bin k reads bin 1.25 k: the peak moves down to 40 / 1.25
+    assert float(out[1, :, 79].max()) == -5.0  # past the top: the last bin repeated
+    with pytest.raises(ValueError, match="freq_warp"):
+        LipSyncTrainConfig(freq_warp=0.6)
+
+
 def test_to_video_rate_averages_each_frames_four_mel_frames() -> None:
     x = torch.arange(10, dtype=torch.float32)[:, None]
     assert to_video_rate(x).squeeze(1).tolist() == [1.5, 5.5]
@@ -337,5 +351,5 @@ def test_transcribe_writes_the_transcript_visemes_and_curves_in_one_file(tiny_ch
         text = json.loads((tmp_path / "r.json").read_text())["results"][0]["text"]
         doc = json.loads(out.read_text())
         assert doc["text"] == text and len(doc["curves"]["jawOpen"]) == 75
-        assert doc["visemes"]["source"] == ("dialog" if aligner and text.strip() else "model")
+        assert doc["visemes"]["source"] == ("dialog" if aligner and text.strip() else "words")
     assert _cli("transcribe", "--checkpoint", tiny_checkpoint, video, "--lipsync", out) == 2  # no model

@@ -67,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    "curves, as `avsr lipsync --format json` plus \"text\"); needs --lipsync-model")
     t.add_argument("--lipsync-model", help="lip-sync checkpoint (scripts/train_lipsync.py) for --lipsync")
     t.add_argument("--aligner", help="phone aligner: time the --lipsync visemes by forced alignment of the "
-                   "transcript (default: the lip-sync model's viseme head)")
+                   "transcript (default: the recogniser's own word timings, each word's phones spread over it)")
     t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     t.add_argument("--window", type=float, default=10.0, help="seconds per model window (long inputs)")
     t.add_argument("--overlap", type=float, default=1.0, help="seconds of overlap between windows")
@@ -166,8 +166,8 @@ def _load_lipsync(args: argparse.Namespace) -> tuple:
 
 
 def _write_lipsync(result, path: Path, model, aligner) -> None:
-    """Transcript, visemes and curves of one transcription as JSON (visemes by forced alignment of
-    the transcript when there is an aligner)."""
+    """Transcript, visemes and curves of one transcription as JSON: the visemes by forced alignment
+    of the transcript when there is an aligner, else timed by the recogniser's own word alignment."""
     import json
 
     from avsr.inference import InputError
@@ -177,8 +177,9 @@ def _write_lipsync(result, path: Path, model, aligner) -> None:
     if result.audio is None:
         raise InputError(f"{result.path}: --lipsync needs the audio track, and this input has none")
     dialog = result.text if aligner is not None and result.text.strip() else None
+    words = None if dialog is not None else [(w.word, w.start, w.end) for w in result.words]
     try:
-        track = predict_track(model, result.audio, dialog=dialog, aligner=aligner)
+        track = predict_track(model, result.audio, dialog=dialog, aligner=aligner, words=words)
     except ValueError as exc:
         raise InputError(f"{result.path}: lip sync failed ({exc})") from None
     doc = {"text": result.text, **json.loads(render(track, "json", result.fps, sound_file=result.path))}

@@ -11,7 +11,8 @@ after its onset, so phone k is taken to start halfway between the spikes of phon
 on average to 13 ms, 91% within 80 ms); the first phone starts :data:`HOLD_FRAMES` before its
 spike, the last holds as long after its own; the frames outside are silence, as are those of a
 gap of more than :data:`PAUSE_FRAMES` between two spikes (a pause; shorter gaps are CTC blanks
-inside speech). :func:`frame_visemes` maps the phones through
+inside speech). Without an aligner, words timed elsewhere (the recogniser's own alignment) give
+phone spans by :func:`word_phone_spans`. :func:`frame_visemes` maps the phones through
 :data:`avsr.lipsync.visemes.RHUBARB` or ``VISEME15``.
 """
 
@@ -156,6 +157,34 @@ def align(model: PhoneCTC, mel: torch.Tensor, text: str) -> list[tuple[str, int,
     labels, _ = AF.forced_align(lp[:, : int(n[0])], torch.tensor([ids], dtype=torch.int32), blank=0)
     spans = AF.merge_tokens(labels[0], torch.zeros(labels.shape[1]))
     return [(PHONES[s.token - 1], int(s.start), int(s.end)) for s in spans]
+
+
+def word_phone_spans(words: Sequence[tuple[str, float, float]]) -> list[tuple[str, int, int]]:
+    """Phone spans in :func:`align`'s form (50 fps, one spike frame per phone) from word times
+    alone, for when the words are timed elsewhere and no phone aligner is at hand (the recogniser's
+    own CTC alignment, :mod:`avsr.inference.alignment`): each word's phones
+    (:func:`avsr.lipsync.visemes.pronounce_or_spell`: a non-word is spelled) spread evenly over its ``[start, end)`` seconds, phone
+    ``j`` of ``n`` spiking at the centre of its share. Feed them to :func:`phone_frames`.
+
+    Args:
+        words: ``(word, start s, end s)`` in time order.
+
+    Raises:
+        ValueError: for a word with no letter, or words out of time order.
+    """
+    from avsr.lipsync.visemes import pronounce_or_spell
+
+    rate = 100 / STRIDE
+    spans: list[tuple[str, int, int]] = []
+    for word, start, end in words:
+        phones = pronounce_or_spell(word)
+        share = max(end - start, 0.0) * rate / len(phones)
+        for j, phone in enumerate(phones):
+            spike = int(start * rate + (j + 0.5) * share)
+            if spans and spike < spans[-1][1]:
+                raise ValueError(f"word '{word}' at {start:.3f} s starts before the word before it")
+            spans.append((phone, spike, spike + 1))
+    return spans
 
 
 def phone_starts(spans: list[tuple[str, int, int]]) -> list[int]:

@@ -40,8 +40,8 @@ class LipSyncError(ValueError):
 class Track:
     """A lip-sync track at :data:`avsr.audio_features.MEL_FPS` (100 fps; frame ``i`` is centred at
     ``i / 100`` s): ``curves`` ``(F, K)`` float32 named ``curve_names``; ``visemes`` one label per
-    frame (``None`` without a viseme head or dialog) from ``viseme_source`` (``"model"`` or
-    ``"dialog"``); ``duration`` in seconds."""
+    frame (``None`` without a viseme head, dialog or word timings) from ``viseme_source``
+    (``"model"``, ``"dialog"`` or ``"words"``); ``duration`` in seconds."""
 
     curves: np.ndarray
     curve_names: tuple[str, ...]
@@ -77,7 +77,8 @@ def read_speech(path: str | Path) -> np.ndarray:
 
 @torch.no_grad()
 def predict_track(model: LipSyncModel, wave: np.ndarray, streaming: bool = False,
-                  dialog: Optional[str] = None, aligner=None) -> Track:
+                  dialog: Optional[str] = None, aligner=None,
+                  words: Optional[Sequence[tuple[str, float, float]]] = None) -> Track:
     """Run the model on ``(S,)`` float32 16 kHz audio.
 
     Args:
@@ -85,10 +86,15 @@ def predict_track(model: LipSyncModel, wave: np.ndarray, streaming: bool = False
             the track equals the offline one to float rounding.
         dialog: the transcript; with ``aligner`` (:class:`avsr.lipsync.aligner.PhoneCTC`) the
             visemes come from its forced alignment, as Rhubarb shapes.
+        words: without a dialog, ``(word, start s, end s)`` timed elsewhere (the recogniser's own
+            alignment): the visemes are each word's phones spread over its span
+            (:func:`avsr.lipsync.aligner.word_phone_spans`), as Rhubarb shapes. Else the
+            visemes are the model's viseme head.
 
     Raises:
         ValueError: streaming with an offline core, or ``dialog`` without ``aligner`` (or its words
-            missing from the pronouncing dictionary, or too many phones for the audio).
+            missing from the pronouncing dictionary, or too many phones for the audio), or
+            ``words`` out of time order.
     """
     x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
     mel, lengths = log_mel(x)
@@ -100,15 +106,16 @@ def predict_track(model: LipSyncModel, wave: np.ndarray, streaming: bool = False
         out = {k: None if v is None else v[0] for k, v in model.eval()(mel, lengths).items() if k != "lengths"}
     curves = np.zeros((mel.shape[1], 0), np.float32) if out["curves"] is None else out["curves"].numpy()
     visemes, names, source = None, (), None
-    if dialog is not None:
-        if aligner is None:
-            raise ValueError("a dialog (transcript) needs the phone aligner (--aligner) to time its visemes")
-        from avsr.lipsync.aligner import align, frame_visemes, phone_frames
+    if dialog is not None or words is not None:
+        from avsr.lipsync.aligner import align, frame_visemes, phone_frames, word_phone_spans
 
-        per_video = frame_visemes(phone_frames(align(aligner, mel[0], dialog), mel.shape[1] // MEL_PER_VIDEO_FRAME),
-                                  RHUBARB)
+        if dialog is not None and aligner is None:
+            raise ValueError("a dialog (transcript) needs the phone aligner (--aligner) to time its visemes")
+        spans = align(aligner, mel[0], dialog) if dialog is not None else word_phone_spans(words)
+        per_video = frame_visemes(phone_frames(spans, mel.shape[1] // MEL_PER_VIDEO_FRAME), RHUBARB) if spans else \
+            ["X"] * (mel.shape[1] // MEL_PER_VIDEO_FRAME)
         visemes = [per_video[min(i // MEL_PER_VIDEO_FRAME, len(per_video) - 1)] for i in range(mel.shape[1])]
-        names, source = RHUBARB_SHAPES, "dialog"
+        names, source = RHUBARB_SHAPES, "dialog" if dialog is not None else "words"
     elif out["visemes"] is not None:
         visemes = [model.visemes[k] for k in out["visemes"].argmax(-1).tolist()]
         names, source = model.visemes, "model"

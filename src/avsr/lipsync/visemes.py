@@ -80,6 +80,27 @@ def pronounce(word: str) -> list[str]:
     return [p.rstrip("012") for p in entries[0]]
 
 
+#: One ARPAbet phone per letter, for words the dictionary lacks (a recogniser's non-word): the
+#: letter's most common sound in English spelling; a crude letter-to-sound rule, enough to place
+#: closed (b, m, p), lip-teeth (f, v) and rounded (o, u, w) shapes.
+LETTER_PHONES = dict(zip("abcdefghijklmnopqrstuvwxyz",
+                         ("AE", "B", "K", "D", "EH", "F", "G", "HH", "IH", "JH", "K", "L", "M", "N", "AA", "P", "K",
+                          "R", "S", "T", "AH", "V", "W", "K", "Y", "Z")))
+
+
+def pronounce_or_spell(word: str) -> list[str]:
+    """:func:`pronounce`, or for a word the dictionary lacks one phone per letter
+    (:data:`LETTER_PHONES`; other characters are skipped). Raises ``ValueError`` for a word with
+    no letter."""
+    try:
+        return pronounce(word)
+    except ValueError:
+        phones = [LETTER_PHONES[c] for c in word.lower() if c in LETTER_PHONES]
+        if not phones:
+            raise ValueError(f"'{word}' has no letter to pronounce") from None
+        return phones
+
+
 def transcript_phones(text: str) -> list[str]:
     """The phones of a whitespace-separated transcript, words in order. Raises ``ValueError`` for
     an empty transcript or a word the dictionary lacks."""
