@@ -174,14 +174,13 @@ def openfacefx(data, durations: list[float], transcripts: list[str]) -> tuple[di
 
     from avsr.lipsync.export import read_rhubarb_tsv
 
-    jaws, shapes = [], []
+    shapes = []
     arkit_curves: dict[str, list[np.ndarray]] = {c: [] for c in BLENDSHAPES}
     with tempfile.TemporaryDirectory() as tmp:
         for utt, dur, text, c in zip(data.utt_ids, durations, transcripts, data.curves):
             track = generate_naive(text.lower(), dur, fps=100.0)
             t = (np.arange(len(c)) + 0.5) / 25.0
             arkit = {ch.name: ch for ch in retarget(track, PRESETS["arkit"]).channels}
-            jaws.append(sample(arkit["jawOpen"], t) if "jawOpen" in arkit else np.zeros(len(t)))
             for name in BLENDSHAPES:
                 arkit_curves[name].append(sample(arkit[name], t) if name in arkit else np.zeros(len(t)))
             write_rhubarb_tsv(track, f"{tmp}/{utt}.tsv", retarget_preset="rhubarb")
@@ -189,13 +188,14 @@ def openfacefx(data, durations: list[float], transcripts: list[str]) -> tuple[di
             shapes.append([next((v for s, e, v in cues if s <= x < e), "X") for x in t])
     openness = [np.array([RHUBARB_OPENNESS.get(v, 0.0) for v in s]) for s in shapes]
     moving = {n: v for n, v in arkit_curves.items() if any(float(np.ptp(x)) > 0 for x in v)}
-    return {MOUTH_OPENING: jaws, "jawOpen": jaws, **moving}, shapes, openness
+    return {MOUTH_OPENING: arkit_curves["jawOpen"], "jawOpen": arkit_curves["jawOpen"], **moving}, shapes, openness
 
 
-def onnx_streaming(checkpoint: Path, wave: torch.Tensor, hops: tuple[int, ...] = (160, 640)) -> dict[int, float]:
+def onnx_streaming(model, checkpoint: Path, wave: torch.Tensor, hops: tuple[int, ...] = (160, 640)) -> dict[int, float]:
     """Wall seconds to stream ``wave`` in hops of each of ``hops`` samples (10 ms; 40 ms, one 25 fps
     video frame) as a game engine would: the causal core's ONNX export (``avsr export --part
-    lipsync``) in onnxruntime on one thread, fed by :class:`avsr.audio_features.LogMelStream`."""
+    lipsync`` of ``checkpoint``, which holds ``model``) in onnxruntime on one thread, fed by
+    :class:`avsr.audio_features.LogMelStream`."""
     import onnxruntime as ort
 
     from avsr.audio_features import LogMelStream
@@ -207,7 +207,7 @@ def onnx_streaming(checkpoint: Path, wave: torch.Tensor, hops: tuple[int, ...] =
     with tempfile.TemporaryDirectory() as tmp:
         export_lipsync(checkpoint, "onnx", f"{tmp}/lipsync.onnx")
         session = ort.InferenceSession(f"{tmp}/lipsync.onnx", opts, providers=["CPUExecutionProvider"])
-    initial = [t.numpy() for t in LipSyncStep(load_lipsync_model(checkpoint)[0]).initial_state()]
+    initial = [t.numpy() for t in LipSyncStep(model).initial_state()]
     walls = {}
     for hop in hops:
         mel, state = LogMelStream(), initial
@@ -248,7 +248,7 @@ def speed(model, seconds: float = 60.0, checkpoint: Path | None = None) -> dict:
         out.update(x_real_time_streaming_one_core=round(seconds / wall, 1),
                    compute_ms_per_10ms_hop=round(1000 * wall / (len(wave) / 160), 3))
         if checkpoint is not None:
-            walls = onnx_streaming(checkpoint, wave)
+            walls = onnx_streaming(model, checkpoint, wave)
             out.update(x_real_time_streaming_onnx_one_core=round(seconds / walls[160], 1),
                        compute_ms_per_10ms_hop_onnx=round(1000 * walls[160] / (len(wave) / 160), 3),
                        x_real_time_streaming_onnx_40ms_hops_one_core=round(seconds / walls[640], 1))

@@ -163,8 +163,9 @@ def word_phone_spans(words: Sequence[tuple[str, float, float]]) -> list[tuple[st
     """Phone spans in :func:`align`'s form (50 fps, one spike frame per phone) from word times
     alone, for when the words are timed elsewhere and no phone aligner is at hand (the recogniser's
     own CTC alignment, :mod:`avsr.inference.alignment`): each word's phones
-    (:func:`avsr.lipsync.visemes.pronounce_or_spell`: a non-word is spelled) spread evenly over its ``[start, end)`` seconds, phone
-    ``j`` of ``n`` spiking at the centre of its share. Feed them to :func:`phone_frames`.
+    (:func:`avsr.lipsync.visemes.pronounce_or_spell`: a non-word is spelled) spread evenly over
+    its ``[start, end)`` seconds, phone ``j`` of ``n`` spiking at the centre of its share. Feed
+    them to :func:`phone_frames`.
 
     Args:
         words: ``(word, start s, end s)`` in time order.
@@ -196,9 +197,11 @@ def phone_starts(spans: list[tuple[str, int, int]]) -> list[int]:
 def phone_frames(spans: list[tuple[str, int, int]], n_frames: int) -> list[str]:
     """The phone (or ``"sil"``) of each of ``n_frames`` 25 fps video frames from :func:`align`'s
     50 fps spans, by the rule of the module docstring; a video frame takes the label of its first
-    50 fps half."""
+    50 fps half; no spans: all silence."""
     per = MEL_PER_VIDEO_FRAME // STRIDE
     labels = [SILENCE] * (n_frames * per)
+    if not spans:
+        return labels[::per]
     bounds = phone_starts(spans)
     for k, (phone, start, end) in enumerate(spans):
         begin, stop = bounds[k], bounds[k + 1] if k + 1 < len(spans) else end + HOLD_FRAMES

@@ -112,8 +112,7 @@ def predict_track(model: LipSyncModel, wave: np.ndarray, streaming: bool = False
         if dialog is not None and aligner is None:
             raise ValueError("a dialog (transcript) needs the phone aligner (--aligner) to time its visemes")
         spans = align(aligner, mel[0], dialog) if dialog is not None else word_phone_spans(words)
-        per_video = frame_visemes(phone_frames(spans, mel.shape[1] // MEL_PER_VIDEO_FRAME), RHUBARB) if spans else \
-            ["X"] * (mel.shape[1] // MEL_PER_VIDEO_FRAME)
+        per_video = frame_visemes(phone_frames(spans, mel.shape[1] // MEL_PER_VIDEO_FRAME), RHUBARB)
         visemes = [per_video[min(i // MEL_PER_VIDEO_FRAME, len(per_video) - 1)] for i in range(mel.shape[1])]
         names, source = RHUBARB_SHAPES, "dialog" if dialog is not None else "words"
     elif out["visemes"] is not None:

@@ -247,7 +247,7 @@ def warp_mel_axis(mel: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return take(lo) * (1 - frac) + take(hi) * frac
 
 
-def _augment(mel: torch.Tensor, gain_db: float, freq_warp: float = 0.0) -> torch.Tensor:
+def _augment(mel: torch.Tensor, gain_db: float, freq_warp: float) -> torch.Tensor:
     if freq_warp > 0:
         mel = warp_mel_axis(mel, torch.empty(mel.shape[0]).uniform_(1 - freq_warp, 1 + freq_warp))
     if gain_db <= 0:
