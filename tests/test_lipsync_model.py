@@ -281,25 +281,26 @@ def test_lipsync_cli_names_a_silent_truncated_or_non_audio_file(rhubarb_model, g
 def test_exported_streaming_step_matches_pytorch_hop_by_hop(rhubarb_model, tmp_path, fmt) -> None:
     """`avsr export --part lipsync`: onnxruntime (or TorchScript), hop by hop with the state carried,
     gives the PyTorch stream's outputs within 1e-4; an offline core is refused."""
-    from avsr.export import LIPSYNC_INPUTS, _run_step
-    from avsr.lipsync.model import LipSyncStep
+    from avsr.export import LIPSYNC_INPUTS, LipSyncAudioStep, _run_step
 
     out = tmp_path / f"lipsync.{'onnx' if fmt == 'onnx' else 'pt'}"
     assert _cli("export", "--checkpoint", rhubarb_model, "--part", "lipsync", "--format", fmt, "--out", out) == 0
     model, _ = load_lipsync_model(rhubarb_model)
     stream, run = LipSyncStream(model), _run_step(fmt, out)
-    state = [t.numpy() for t in LipSyncStep(model).initial_state()]
     wave = _wave(1.0)
-    mel = log_mel(wave)[0][0]
-    got, start = [], 0
-    for n in (1, 7, 2, 30, 60):
-        curves, visemes, *state = run(mel[None, start:start + n].numpy(), *state)
+    state = [t.numpy() for t in LipSyncAudioStep(model).initial_state(wave[:160])]
+    got, start = [], 160
+    for n in (1, 7, 2, 30, 59):  # 10 ms hops per call, raw audio in
+        curves, visemes, *state = run(wave[None, start:start + 160 * n].numpy(), *state)
         got.append(curves[0])
-        start += n
-    ref = torch.cat([stream.push_mel(mel)["curves"], stream.flush()["curves"]]).numpy()
+        start += 160 * n
+    assert start == len(wave) and state[0].shape == (1, 480)
+    ref = torch.cat([stream.push(wave)["curves"], stream.flush()["curves"]]).numpy()
     lag = model.lookahead  # the exported step's output j is frame j - lookahead
-    np.testing.assert_allclose(np.concatenate(got)[lag:], ref[: len(mel) - lag], atol=1e-4)
-    assert len(LIPSYNC_INPUTS) == 4
+    got = np.concatenate(got)
+    assert len(got) == len(wave) // 160 - 1  # the last frame's window needs 10 ms past the end
+    np.testing.assert_allclose(got[lag:], ref[: len(got) - lag], atol=1e-4)
+    assert LIPSYNC_INPUTS[:2] == ("audio", "audio_state")
     offline = tmp_path / "offline.pt"
     args = dict(curves=["jawOpen"], core="bigru", **SMALL)
     save_lipsync_model(offline, LipSyncModel(**args), args)

@@ -16,11 +16,12 @@ part                   inputs                                           outputs
 Everything is at 25 fps; batch and time axes are dynamic in both formats.
 
 ``lipsync`` (a checkpoint of ``scripts/train_lipsync.py`` with the causal core) exports one hop
-of the streaming lip-sync model, :class:`avsr.lipsync.model.LipSyncStep`, so that a game engine can
-stream it: inputs ``mel`` (1, n, 80) log-mel frames at 100 fps (``n`` dynamic), ``conv1_state``,
-``conv2_state``, ``gru_state``; outputs ``curves`` (1, n, K), ``visemes`` (1, n, V) logits and the
-three new states (``*_out``). It is checked hop by hop (hops of 1 to 16 frames, state carried)
-against the PyTorch step.
+of the streaming lip-sync model with its log-mel inside the graph, :class:`LipSyncAudioStep`, so
+that a game engine (Unity, Unreal, Godot) can stream raw audio into it: inputs ``audio`` (1, 160 n)
+float32 at 16 kHz (``n`` dynamic: any whole number of 10 ms hops), ``audio_state`` (1, 480),
+``conv1_state``, ``conv2_state``, ``gru_state``; outputs ``curves`` (1, n, K), ``visemes`` (1, n,
+V) logits and the four new states (``*_out``). It is checked hop by hop (hops of 10 to 160 ms,
+state carried) against the PyTorch stream (:class:`avsr.lipsync.model.LipSyncStream`).
 
 - TorchScript: :func:`torch.jit.trace` (load with ``torch.jit.load``).
 - ONNX: the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, opset 17); the
@@ -281,13 +282,63 @@ def check_export(wrapper: ExportablePart, fmt: str, path: str | Path,
 
 
 LIPSYNC_PART = "lipsync"
-LIPSYNC_INPUTS = ("mel", "conv1_state", "conv2_state", "gru_state")
-LIPSYNC_OUTPUTS = ("curves", "visemes", "conv1_state_out", "conv2_state_out", "gru_state_out")
-LIPSYNC_CHECK_HOPS = (1, 3, 16, 2, 1, 10, 4)  # mel frames per hop in the check
+LIPSYNC_INPUTS = ("audio", "audio_state", "conv1_state", "conv2_state", "gru_state")
+LIPSYNC_OUTPUTS = ("curves", "visemes", "audio_state_out", "conv1_state_out", "conv2_state_out", "gru_state_out")
+LIPSYNC_CHECK_HOPS = (1, 3, 16, 2, 1, 10, 4)  # 10 ms hops per call in the check
+
+
+class LipSyncAudioStep(nn.Module):
+    """One hop of the causal lip-sync core from raw audio: the streaming log-mel
+    (:class:`avsr.audio_features.LogMelStream`) as a convolution over a DFT basis
+    (:class:`DFTMelSpectrogram`), then :class:`avsr.lipsync.model.LipSyncStep`; what ``avsr export
+    --part lipsync`` writes.
+
+    ``forward(audio, audio_state, conv1_state, conv2_state, gru_state)`` takes ``audio`` ``(1, 160
+    n)`` float32 at 16 kHz, the next ``n >= 1`` hops of 10 ms, and returns ``(curves (1, n, K),
+    visemes (1, n, V), audio_state, conv1_state, conv2_state, gru_state)``. ``audio_state`` ``(1,
+    480)`` holds the last 30 ms of audio (the 40 ms windows of the next frames reach back that far).
+    A stream starts from :meth:`initial_state`, whose audio state is 320 zeros (the offline padding
+    before the first sample) followed by the stream's first 160 samples: no frame is complete after
+    10 ms. From then on, the call that completes samples up to ``160 t + 320`` returns mel frame
+    ``t``, as :class:`~avsr.audio_features.LogMelStream` does; the core's outputs lag the frames by
+    ``lookahead`` steps (:class:`~avsr.lipsync.model.LipSyncStep`).
+
+    Raises:
+        ValueError: when the model's core is not causal.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from avsr.audio_features import LOG_FLOOR, LogMelStream
+        from avsr.lipsync.model import LipSyncStep
+
+        super().__init__()
+        self.step = LipSyncStep(model)
+        self.mel = DFTMelSpectrogram(LogMelStream()._mel)
+        self.floor = LOG_FLOOR
+        self.context = self.mel.n_fft - self.mel.hop  # 480 samples
+
+    def initial_state(self, first_hop: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(audio_state (1, 480), conv1_state, conv2_state, gru_state)`` for a stream whose first
+        160 samples are ``first_hop`` ``(160,)``.
+
+        Raises:
+            ValueError: when ``first_hop`` is not 160 samples.
+        """
+        if first_hop.shape != (self.mel.hop,):
+            raise ValueError(f"first_hop must be ({self.mel.hop},) samples, got shape {tuple(first_hop.shape)}")
+        audio = torch.cat([torch.zeros(self.mel.n_fft // 2), first_hop.float()])[None]
+        return (audio, *self.step.initial_state())
+
+    def forward(self, audio: torch.Tensor, audio_state: torch.Tensor, conv1_state: torch.Tensor,
+                conv2_state: torch.Tensor, gru_state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        buf = torch.cat([audio_state, audio], dim=1)
+        mel = torch.log(self.mel(buf).clamp_min(self.floor)).transpose(1, 2)  # (1, n, 80)
+        curves, visemes, *state = self.step(mel, conv1_state, conv2_state, gru_state)
+        return (curves, visemes, buf[:, -self.context:], *state)
 
 
 def _run_step(fmt: str, path: Path):
-    """A callable ``(mel, *state) -> outputs`` (numpy) of an exported lip-sync step."""
+    """A callable ``(audio, *state) -> outputs`` (numpy) of an exported lip-sync step."""
     if fmt == "torchscript":
         with warnings.catch_warnings():
             _ignore_tracer_notes()
@@ -306,20 +357,25 @@ def _run_step(fmt: str, path: Path):
 
 
 def export_lipsync(checkpoint: str | Path, fmt: str, out: str | Path, atol: float = 1e-4) -> ExportReport:
-    """Export the streaming step of a causal lip-sync checkpoint (see the module docstring) and
-    check it hop by hop against PyTorch.
+    """Export the streaming step of a causal lip-sync checkpoint, raw audio in
+    (:class:`LipSyncAudioStep`), and check it hop by hop against the PyTorch stream.
 
     Raises:
         ValueError: for an unknown format, a file that is not a lip-sync checkpoint, or an offline core.
         ExportError: when a needed package is missing or the check fails (the file is removed).
     """
-    from avsr.lipsync.model import LipSyncStep, load_lipsync_model
+    from avsr.audio_features import LogMelStream
+    from avsr.lipsync.model import load_lipsync_model
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got '{fmt}'")
-    step = LipSyncStep(load_lipsync_model(checkpoint)[0]).eval()
+    model = load_lipsync_model(checkpoint)[0]
+    step = LipSyncAudioStep(model).eval()
+    hop = step.mel.hop
     g = torch.Generator().manual_seed(0)
-    example = (torch.randn(1, 4, step.model.n_mels, generator=g) - 5.0, *step.initial_state())
+    wave = torch.randn(hop * (1 + sum(LIPSYNC_CHECK_HOPS)), generator=g) * 0.1
+    state = step.initial_state(wave[:hop])
+    example = (wave[None, hop: 5 * hop], *state)
     path = Path(out)
     with torch.no_grad(), warnings.catch_warnings(), atomic_path(path) as tmp:
         _ignore_tracer_notes()  # and the GRU batch-size note: the initial state is an input here
@@ -327,28 +383,32 @@ def export_lipsync(checkpoint: str | Path, fmt: str, out: str | Path, atol: floa
         if fmt == "torchscript":
             torch.jit.trace(step, example, check_trace=False).save(str(tmp))
         else:
-            frames = {1: "frames"}
             try:
                 torch.onnx.export(step, example, str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                                   input_names=list(LIPSYNC_INPUTS), output_names=list(LIPSYNC_OUTPUTS),
-                                  dynamic_axes={"mel": frames, "curves": frames, "visemes": frames})
+                                  dynamic_axes={"audio": {1: "samples"}, "curves": {1: "frames"},
+                                                "visemes": {1: "frames"}})
             except (torch.onnx.OnnxExporterError, RuntimeError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ExportError(f"ONNX export of {LIPSYNC_PART} failed: {first}") from None
     run = _run_step(fmt, path)
-    ref_state = step.initial_state()
-    state = [t.numpy() for t in ref_state]
-    diff = 0.0
-    with torch.no_grad():
-        for n in LIPSYNC_CHECK_HOPS:
-            mel = torch.randn(1, n, step.model.n_mels, generator=g) * 2.0 - 5.0
-            ref = step(mel, *ref_state)
-            got = run(mel.numpy(), *state)
-            ref_state, state = ref[2:], got[2:]
-            diff = max([diff] + [float(np.abs(a - b.numpy()).max()) for a, b in zip(got, ref) if b.numel()])
-    if not diff <= atol:
+    mel_stream, ref_state = LogMelStream(), step.step.initial_state()
+    mel_stream.push(wave[:hop])
+    state, start, got, ref = [t.numpy() for t in state], hop, [], []
+    for n in LIPSYNC_CHECK_HOPS:
+        chunk = wave[start: start + hop * n]
+        start += hop * n
+        curves, visemes, *state = run(chunk.numpy()[None], *state)
+        got.append(np.concatenate([curves[0], visemes[0]], axis=-1))
+        with torch.no_grad():
+            ref_curves, ref_visemes, *ref_state = step.step(mel_stream.push(chunk)[None], *ref_state)
+        ref.append(torch.cat([ref_curves[0], ref_visemes[0]], dim=-1).numpy())
+    got, ref = np.concatenate(got), np.concatenate(ref)
+    diff = float(np.abs(got - ref).max()) if got.size else 0.0
+    if got.shape != ref.shape or not diff <= atol:
         path.unlink()
-        raise ExportError(f"exported {LIPSYNC_PART} differs from PyTorch by {diff:.3g} > atol {atol:g}; removed {path}")
+        raise ExportError(f"exported {LIPSYNC_PART} differs from PyTorch by {diff:.3g} > atol {atol:g} "
+                          f"(shapes {got.shape}, {ref.shape}); removed {path}")
     log.info("exported %s as %s to %s (max |diff| %.2e over %d hops)", LIPSYNC_PART, fmt, path, diff,
              len(LIPSYNC_CHECK_HOPS))
     return ExportReport(LIPSYNC_PART, fmt, path, LIPSYNC_INPUTS, LIPSYNC_OUTPUTS, diff)
