@@ -46,7 +46,8 @@ aligner: $(STAMP)
 # benchmarks/bench_lipsync.py); the peers are the `lipsync-bench` extra, pinned by requirements.txt
 lipsync-bench: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation -c requirements.txt -e ".[lipsync-bench]"
-	$(PY) benchmarks/bench_lipsync.py --out benchmarks
+	$(PY) benchmarks/bench_lipsync.py --out benchmarks \
+		$(if $(wildcard runs/grid/exp/video/best.pt),--video-frontend runs/grid/exp/video/best.pt,)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out benchmarks

@@ -9,6 +9,9 @@ speakers; evaluation only), for
   25 steps per second (stride 4), ``avsr_causal_gru`` at 100 with 1 mel frame of look-ahead), each
   trained on the 450 s1 train clips for the same steps to predict the landmark mouth opening, the 16 ARKit mouth blendshapes and Rhubarb's shapes
   (forced-alignment labels from the phone aligner, :mod:`avsr.lipsync.aligner`);
+- with ``--video-frontend`` (an AVSR checkpoint with video, e.g. ``make demo``'s lip reader):
+  ``avsr_bigru_video``, the bigru model with the mouth video as a second input through that
+  model's frozen visual frontend (:mod:`avsr.lipsync.video`), same data and steps;
 - ``energy``: the per-frame mean log-mel energy as the mouth opening (and jaw);
 - ``openfacefx`` (OpenFaceFX 0.24, text + audio -> viseme curves, offline): its transcript path
   (``generate_naive``: the transcript's phones spread over the audio's duration, coarticulated),
@@ -67,6 +70,7 @@ from avsr.lipsync.model import WINDOW_AHEAD_MS, LipSyncStream, load_lipsync_mode
 from avsr.lipsync.train import (CURVES, MOUTH_OPENING, LipSyncTrainConfig, energy_envelope_curves,  # noqa: E402
                                 load_lipsync_data, predict, save_lipsync_checkpoint, train_lipsync_model)
 from avsr.lipsync.targets import BLENDSHAPES  # noqa: E402
+from avsr.lipsync.video import MouthFeatures  # noqa: E402
 from avsr.lipsync.visemes import RHUBARB, RHUBARB_SHAPES  # noqa: E402
 from avsr.utils import real_data_dir, set_num_threads  # noqa: E402
 from quiet import BenchRun  # noqa: E402
@@ -77,6 +81,7 @@ S1_IN_LIPNET = "bbaf2n"  # GRID s1, in s1's train split: not an unseen speaker
 CORES = {"avsr_bigru": dict(core="bigru", stride=4), "avsr_causal_gru": dict(core="causal_gru", lookahead=1),
          "avsr_attention": dict(core="attention", stride=4)}
 MODEL_ARGS = dict(channels=64, hidden=64, kernel=5, dropout=0.1)
+VIDEO_SYSTEM = "avsr_bigru_video"  #: with ``--video-frontend``: bigru with the mouth video as a second input
 #: Mouth openness of each Rhubarb shape (0 closed .. 1 wide open), from Rhubarb's descriptions of
 #: its shapes (A closed; B slightly open; C open; D wide open; E slightly rounded; F puckered;
 #: G upper teeth on lower lip; H tongue raised, open; X rest).
@@ -277,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="folder holding the GRID folders (default: $AVSR_DATA)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps of each lip-sync model")
     parser.add_argument("--aligner-steps", type=int, default=2000)
+    parser.add_argument("--video-frontend", default=None, metavar="AVSR_CHECKPOINT",
+                        help=f"also score {VIDEO_SYSTEM}: the bigru model fed the mouth video through this AVSR "
+                             "model's visual frontend (make demo's video model: runs/grid/exp/video/best.pt)")
     parser.add_argument("--preview-png", default=str(REPO / "docs" / "lipsync_preview_strip.png"),
                         help="preview strip of the causal model on the first s1 test clip ('' skips it)")
     args = parser.parse_args(argv)
@@ -299,23 +307,31 @@ def main(argv: list[str] | None = None) -> int:
                                              text=True).stdout.strip(),
                     "test_sets": {n: len(d) for n, d in data.items() if n != "train"}, "systems": {}, "speed": {},
                     "training": {"clips": len(data["train"]), "steps": args.steps}}
-    for system, core in CORES.items():
+    systems = [(system, core, data) for system, core in CORES.items()]
+    if args.video_frontend:  # the offline core with the mouth video too, through an AVSR visual frontend
+        mouth = MouthFeatures.from_avsr_checkpoint(args.video_frontend)
+        video_data = {name: load_lipsync_data(root, split, visemes=labels[name], video_features=mouth,
+                                              speaker_of=lambda u, s=spk: s.get(u, ""), **load)
+                      for name, (root, split, spk) in sets.items()}
+        systems.append((VIDEO_SYSTEM, dict(CORES["avsr_bigru"], video_dim=mouth.dim), video_data))
+    for system, core, sys_data in systems:
         path = work / "models" / f"{system}_{args.steps}.pt"
         model_args = dict(curves=list(CURVES), visemes=list(RHUBARB_SHAPES), **MODEL_ARGS, **core)
         if not path.is_file():
             t0 = time.perf_counter()
-            model, _ = train_lipsync_model(data["train"], model_args, LipSyncTrainConfig(steps=args.steps))
+            model, _ = train_lipsync_model(sys_data["train"], model_args, LipSyncTrainConfig(steps=args.steps))
             save_lipsync_checkpoint(path, model, model_args, LipSyncTrainConfig(steps=args.steps),
                                     {"train_minutes": round((time.perf_counter() - t0) / 60, 2)})
         model, ckpt = load_lipsync_model(path)
         report["training"][system] = {"minutes": ckpt["metrics"]["train_minutes"],
                                       "parameters": sum(p.numel() for p in model.parameters())}
         report["systems"][system] = {}
-        for name, d in data.items():
+        for name, d in sys_data.items():
             if name != "train":
                 spk = [sets[name][2].get(u, "") for u in d.utt_ids]
                 report["systems"][system][name] = score(*ours(model, d), d, labels[name], spk)
-        report["speed"][system] = speed(model, checkpoint=path)
+        if not model.video_dim:  # the speed of the audio models (the video one adds its frontend)
+            report["speed"][system] = speed(model, checkpoint=path)
         log.info("%s: %s", system, report["systems"][system])
     for peer in ("energy", "openfacefx", "pylipsync"):
         report["systems"][peer] = {}

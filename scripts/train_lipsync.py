@@ -28,6 +28,7 @@ from avsr.evaluation.curves import plot_curves, write_curve
 from avsr.lipsync.model import CORES
 from avsr.lipsync.train import (CURVES, MOUTH_OPENING, LipSyncTrainConfig, evaluate_lipsync_model, load_lipsync_data,
                                 predict, save_lipsync_checkpoint, train_lipsync_model)
+from avsr.lipsync.video import MouthFeatures
 from avsr.utils import atomic_write_text, set_num_threads, setup_logging
 
 log = logging.getLogger("train_lipsync")
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated curves, or 'all' ({', '.join(CURVES)}); 'none' for visemes only")
     p.add_argument("--aligner", default=None, help="phone-aligner checkpoint: adds the viseme head")
     p.add_argument("--viseme-set", choices=("rhubarb", "viseme15"), default="rhubarb")
+    p.add_argument("--video-frontend", default=None, metavar="AVSR_CHECKPOINT",
+                   help="also feed the mouth video through this AVSR model's visual frontend (frozen; "
+                        "stored in the lip-sync checkpoint; offline cores)")
     m = p.add_argument_group("model")
     m.add_argument("--core", choices=CORES, default="bigru")
     m.add_argument("--channels", type=int, default=64)
@@ -105,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                                  viseme_weight=args.viseme_weight, rdrop_weight=args.rdrop,
                                  mean_teacher_weight=args.mean_teacher, ema_decay=args.ema_decay,
                                  rampup_steps=args.rampup_steps, seed=args.seed)
-        load = dict(curves=curves, visemes=labels, viseme_names=viseme_names)
+        video = MouthFeatures.from_avsr_checkpoint(args.video_frontend) if args.video_frontend else None
+        model_args["video_dim"] = video.dim if video else 0
+        load = dict(curves=curves, visemes=labels, viseme_names=viseme_names, video_features=video)
         train = load_lipsync_data(args.root, args.train_split, **load)
-        unlabelled = (load_lipsync_data(args.root, args.unlabelled_split, curves, with_targets=False)
+        unlabelled = (load_lipsync_data(args.root, args.unlabelled_split, curves, with_targets=False,
+                                        video_features=video)
                       if args.unlabelled_split else None)
         evals = {s: load_lipsync_data(args.root, s, **load) for s in eval_splits}
         log.info("training on %d clips of '%s'", len(train), args.train_split)
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {s: {"curves": {n: {"pooled": m["pooled"], "utterance_mean": m["utterance_mean"]}
                               for n, m in r["curves"].items()}, "viseme_accuracy": r["viseme_accuracy"]}
                for s, r in report["splits"].items()}
-    save_lipsync_checkpoint(out / "lipsync.pt", model, model_args, cfg, summary)
+    save_lipsync_checkpoint(out / "lipsync.pt", model, model_args, cfg, summary, video)
     atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
     if args.export and curves:
         split, data = next(iter(evals.items()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -354,3 +355,65 @@ def test_transcribe_writes_the_transcript_visemes_and_curves_in_one_file(tiny_ch
         assert doc["text"] == text and len(doc["curves"]["jawOpen"]) == 75
         assert doc["visemes"]["source"] == ("dialog" if aligner and text.strip() else "words")
     assert _cli("transcribe", "--checkpoint", tiny_checkpoint, video, "--lipsync", out) == 2  # no model
+
+
+def test_video_input_is_required_used_and_padding_invariant() -> None:
+    """A model with video input needs its features, refuses none; the features change the output;
+    the causal core refuses video; an audio-only model refuses features."""
+    torch.manual_seed(0)
+    mel = log_mel(_wave(1.0))[0]  # (1, 100, 80)
+    video = torch.randn(1, 25, 6)
+    for core, stride in (("bigru", 4), ("attention", 1)):
+        model = LipSyncModel(curves=["jawOpen"], core=core, stride=stride, video_dim=6, **SMALL).eval()
+        with torch.no_grad():
+            a = model(mel, torch.tensor([100]), video)["curves"]
+            b = model(mel, torch.tensor([100]), torch.zeros_like(video))["curves"]
+            batch = model(torch.cat([torch.nn.functional.pad(mel, (0, 0, 0, 20)), log_mel(_wave(1.2, 1))[0]]),
+                          torch.tensor([100, 120]), torch.cat([torch.nn.functional.pad(video, (0, 0, 0, 5)),
+                                                               torch.randn(1, 30, 6)]))["curves"]
+        assert float((a - b).abs().max()) > 1e-3
+        torch.testing.assert_close(batch[:1, :100], a, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="takes video"):
+            model(mel, torch.tensor([100]))
+    with pytest.raises(ValueError, match="offline cores"):
+        LipSyncModel(curves=["jawOpen"], core="causal_gru", video_dim=6, **SMALL)
+    with pytest.raises(ValueError, match="audio-only"):
+        LipSyncModel(curves=["jawOpen"], **SMALL)(mel, torch.tensor([100]), video)
+
+
+def test_lipsync_with_video_trains_saves_and_runs_from_the_cli(tiny_checkpoint, grid_prepared, grid_dir, tmp_path,
+                                                               capfd) -> None:
+    """`scripts/train_lipsync.py --video-frontend` on real GRID clips stores the AVSR visual
+    frontend in the lip-sync checkpoint (features equal after reloading); `avsr lipsync --use-video`
+    runs it on a real clip's video, and refuses the wrong pairing of flag and model with one line."""
+    import subprocess
+    import sys
+
+    from avsr.data.media import read_video
+    from avsr.lipsync.video import MouthFeatures, load_mouth_features
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "scripts/train_lipsync.py", "--root", str(grid_prepared), "--out", str(out),
+           "--curves", "mouth_opening,jawOpen", "--steps", "3", "--batch-size", "2", "--channels", "8",
+           "--hidden", "8", "--video-frontend", str(tiny_checkpoint)]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   cwd=Path(__file__).parents[1])
+    model, ckpt = load_lipsync_model(out / "lipsync.pt")
+    mouth = load_mouth_features(ckpt)
+    assert model.video_dim == mouth.dim > 0
+    row = read_manifest(grid_prepared, "test")[0]
+    crops = read_video(row.file(grid_prepared, ".mp4"), gray=True)[0]
+    torch.testing.assert_close(mouth(crops), MouthFeatures.from_avsr_checkpoint(tiny_checkpoint)(crops))
+    assert mouth(crops).shape == (len(crops), mouth.dim)
+    video_in = grid_dir / "video" / f"{row.utt_id}.mpg"  # the speaker's face video with its audio
+    assert _cli("lipsync", "--model", out / "lipsync.pt", video_in, "--use-video", "--out", tmp_path / "t.csv") == 0
+    assert (tmp_path / "t.csv").read_text().startswith("time,jawOpen\n")
+    capfd.readouterr()
+    assert _cli("lipsync", "--model", out / "lipsync.pt", video_in, "--out", tmp_path / "u.csv") == 2
+    assert "--use-video" in capfd.readouterr().err
+    assert _cli("lipsync", "--model", out / "lipsync.pt", tmp_path / "t.csv", "--use-video", "--out", tmp_path / "v.csv") == 1
+    audio_only = tmp_path / "audio_only.pt"
+    args = dict(curves=["jawOpen"], core="bigru", **SMALL)
+    save_lipsync_model(audio_only, LipSyncModel(**args), args)
+    assert _cli("lipsync", "--model", audio_only, video_in, "--use-video", "--out", tmp_path / "w.csv") == 2
+    assert "trained without video" in capfd.readouterr().err

@@ -111,6 +111,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="run the causal model in 10 ms hops, as a live stream would (same output)")
     s.add_argument("--preview", help="also write an mp4: the mouth crop (video inputs) beside a mouth drawn "
                    "from the predicted blendshapes, with the audio; with several inputs it holds {name}")
+    s.add_argument("--use-video", action="store_true",
+                   help="video inputs: feed the face too (a model trained with scripts/train_lipsync.py "
+                        "--video-frontend; such a model needs it)")
     return parser
 
 
@@ -154,20 +157,24 @@ def _transcribe(args: argparse.Namespace) -> int:
 
 
 def _load_lipsync(args: argparse.Namespace) -> tuple:
-    """``(lip-sync model, phone aligner or None)`` of ``--lipsync-model`` / ``--aligner``."""
+    """``(lip-sync model, phone aligner or None, mouth features or None)`` of ``--lipsync-model`` /
+    ``--aligner`` (the mouth features of a model with video input)."""
     from avsr.lipsync.model import load_lipsync_model
+    from avsr.lipsync.video import load_mouth_features
 
     aligner = None
     if args.aligner:
         from avsr.lipsync.aligner import load_aligner
 
         aligner = load_aligner(args.aligner)
-    return load_lipsync_model(args.lipsync_model)[0], aligner
+    model, ckpt = load_lipsync_model(args.lipsync_model)
+    return model, aligner, load_mouth_features(ckpt)
 
 
-def _write_lipsync(result, path: Path, model, aligner) -> None:
+def _write_lipsync(result, path: Path, model, aligner, mouth=None) -> None:
     """Transcript, visemes and curves of one transcription as JSON: the visemes by forced alignment
-    of the transcript when there is an aligner, else timed by the recogniser's own word alignment."""
+    of the transcript when there is an aligner, else timed by the recogniser's own word alignment;
+    a model with video input also gets the transcription's mouth crops through ``mouth``."""
     import json
 
     from avsr.inference import InputError
@@ -176,10 +183,13 @@ def _write_lipsync(result, path: Path, model, aligner) -> None:
 
     if result.audio is None:
         raise InputError(f"{result.path}: --lipsync needs the audio track, and this input has none")
+    if mouth is not None and result.crops is None:
+        raise InputError(f"{result.path}: the lip-sync model takes video, and this input has no mouth crops")
     dialog = result.text if aligner is not None and result.text.strip() else None
     words = None if dialog is not None else [(w.word, w.start, w.end) for w in result.words]
     try:
-        track = predict_track(model, result.audio, dialog=dialog, aligner=aligner, words=words)
+        track = predict_track(model, result.audio, dialog=dialog, aligner=aligner, words=words,
+                              video=None if mouth is None else mouth(result.crops))
     except ValueError as exc:
         raise InputError(f"{result.path}: lip sync failed ({exc})") from None
     doc = {"text": result.text, **json.loads(render(track, "json", result.fps, sound_file=result.path))}
@@ -231,15 +241,22 @@ def _export(args: argparse.Namespace) -> int:
 def _lipsync(args: argparse.Namespace) -> int:
     from avsr.lipsync.infer import lipsync_files
     from avsr.lipsync.model import load_lipsync_model
+    from avsr.lipsync.video import load_mouth_features
 
-    model, _ = load_lipsync_model(args.model)
+    model, ckpt = load_lipsync_model(args.model)
+    mouth = load_mouth_features(ckpt)
+    if args.use_video != (mouth is not None):
+        log.error("%s: %s", args.model, "this model takes video: run it with --use-video on video inputs" if mouth
+                  else "this model was trained without video (scripts/train_lipsync.py --video-frontend); "
+                       "drop --use-video")
+        return EXIT_USAGE
     aligner = None
     if args.aligner:
         from avsr.lipsync.aligner import load_aligner
 
         aligner = load_aligner(args.aligner)
     failed = lipsync_files(model, args.inputs, args.out, args.format, args.fps, args.streaming, args.dialog, aligner,
-                           args.preview)
+                           args.preview, mouth)
     for _, why in failed:
         log.error("%s", why)
     log.info("wrote %d track(s) (%d failed)", len(args.inputs) - len(failed), len(failed))

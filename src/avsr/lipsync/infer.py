@@ -78,7 +78,8 @@ def read_speech(path: str | Path) -> np.ndarray:
 @torch.no_grad()
 def predict_track(model: LipSyncModel, wave: np.ndarray, streaming: bool = False,
                   dialog: Optional[str] = None, aligner=None,
-                  words: Optional[Sequence[tuple[str, float, float]]] = None) -> Track:
+                  words: Optional[Sequence[tuple[str, float, float]]] = None,
+                  video: Optional[torch.Tensor] = None) -> Track:
     """Run the model on ``(S,)`` float32 16 kHz audio.
 
     Args:
@@ -90,11 +91,14 @@ def predict_track(model: LipSyncModel, wave: np.ndarray, streaming: bool = False
             alignment): the visemes are each word's phones spread over its span
             (:func:`avsr.lipsync.aligner.word_phone_spans`), as Rhubarb shapes. Else the
             visemes are the model's viseme head.
+        video: ``(T, D)`` mouth features at 25 fps (:class:`avsr.lipsync.video.MouthFeatures`)
+            for a model with video input (``model.video_dim > 0``).
 
     Raises:
         ValueError: streaming with an offline core, or ``dialog`` without ``aligner`` (or its words
             missing from the pronouncing dictionary, or too many phones for the audio), or
-            ``words`` out of time order.
+            ``words`` out of time order, or ``video`` missing for a video model (or given to an
+            audio-only one).
     """
     x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
     mel, lengths = log_mel(x)
@@ -103,7 +107,8 @@ def predict_track(model: LipSyncModel, wave: np.ndarray, streaming: bool = False
         parts = [stream.push(x[i:i + HOP_SAMPLES]) for i in range(0, len(x), HOP_SAMPLES)] + [stream.flush()]
         out = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in ("curves", "visemes")}
     else:
-        out = {k: None if v is None else v[0] for k, v in model.eval()(mel, lengths).items() if k != "lengths"}
+        feats = None if video is None else video[None]
+        out = {k: None if v is None else v[0] for k, v in model.eval()(mel, lengths, feats).items() if k != "lengths"}
     curves = np.zeros((mel.shape[1], 0), np.float32) if out["curves"] is None else out["curves"].numpy()
     visemes, names, source = None, (), None
     if dialog is not None or words is not None:
@@ -210,11 +215,13 @@ def write_track_preview(path: str | Path, track: Track, wave: np.ndarray, crops:
 
 def lipsync_files(model: LipSyncModel, inputs: Sequence[str], out: str, fmt: Optional[str], fps: float,
                   streaming: bool = False, dialog: Optional[str] = None, aligner=None,
-                  preview: Optional[str] = None) -> list[tuple[str, str]]:
+                  preview: Optional[str] = None, mouth_features=None) -> list[tuple[str, str]]:
     """Write one track per input (``out``, and ``preview`` when given, hold ``{name}`` when there
     are several), atomically; ``preview`` is an mp4 (:func:`write_track_preview`, with the mouth
-    crop of a video input). Returns ``[(input, error)]`` for the inputs that failed (each named in
-    its one-line error)."""
+    crop of a video input). ``mouth_features`` (:class:`avsr.lipsync.video.MouthFeatures`, for a
+    model with video input) feeds each input's mouth crops to the model too: an input without a
+    video with one face fails. Returns ``[(input, error)]`` for the inputs that failed (each named
+    in its one-line error)."""
     from avsr.utils import atomic_write_text
 
     several = len(inputs) > 1
@@ -228,10 +235,14 @@ def lipsync_files(model: LipSyncModel, inputs: Sequence[str], out: str, fmt: Opt
         target = Path(out.replace("{name}", Path(path).stem))
         try:
             wave = read_speech(path)
-            track = predict_track(model, wave, streaming, dialog, aligner)
+            crops = _mouth_crops(path) if preview is not None or mouth_features is not None else None
+            if mouth_features is not None and crops is None:
+                raise LipSyncError(f"{path}: --use-video needs a video with one visible face")
+            video = None if mouth_features is None else mouth_features(crops)
+            track = predict_track(model, wave, streaming, dialog, aligner, video=video)
             atomic_write_text(target, render(track, fmt, fps, sound_file=str(path)))
             if preview is not None:
-                write_track_preview(preview.replace("{name}", Path(path).stem), track, wave, _mouth_crops(path))
+                write_track_preview(preview.replace("{name}", Path(path).stem), track, wave, crops)
         except LipSyncError as exc:
             failed.append((path, str(exc)))
         except ValueError as exc:

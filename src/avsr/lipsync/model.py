@@ -62,17 +62,21 @@ class LipSyncModel(nn.Module):
         attention_heads: heads of the attention layer (must divide ``hidden``).
         dropout: after each convolution, inside the core and before the heads.
         n_mels: mel bins of the input.
+        video_dim: size of per-video-frame features of the mouth (:mod:`avsr.lipsync.video`;
+            0: audio only). They are projected to ``channels``, held over each video frame's
+            ``4 / stride`` core steps and added to the audio features before the core. Offline
+            cores only.
 
     Raises:
         ValueError: on an unknown core, no outputs, a non-positive size, ``dropout`` outside
             [0, 1), an even kernel for an offline core, a ``lookahead`` outside 0–3 or given to an
-            offline core, or ``hidden`` not divisible by ``attention_heads``.
+            offline core, ``hidden`` not divisible by ``attention_heads``, or video for the causal core.
     """
 
     def __init__(self, curves: Sequence[str] = ("mouth_opening",), visemes: Sequence[str] = (), core: str = "bigru",
                  channels: int = 128, hidden: int = 128, num_layers: Optional[int] = None, kernel: int = 3,
                  lookahead: int = 0, attention_heads: int = 4, dropout: float = 0.1, n_mels: int = N_MELS,
-                 stride: int = 1) -> None:
+                 stride: int = 1, video_dim: int = 0) -> None:
         super().__init__()
         if core not in CORES:
             raise ValueError(f"core must be one of {', '.join(CORES)}, got '{core}'")
@@ -97,6 +101,8 @@ class LipSyncModel(nn.Module):
         if core == "attention" and (num_layers != 1 or hidden % attention_heads):
             raise ValueError(f"the attention core is one layer (got num_layers={num_layers}) whose width "
                              f"{hidden} must be divisible by attention_heads={attention_heads}")
+        if video_dim < 0 or (video_dim and core == "causal_gru"):
+            raise ValueError(f"video_dim must be >= 0 and is for the offline cores, got {video_dim} for '{core}'")
         self.curves = tuple(curves)
         self.visemes = tuple(visemes)
         self.core = core
@@ -110,6 +116,8 @@ class LipSyncModel(nn.Module):
         self.register_buffer("target_std", torch.ones(len(self.curves)))
         self.conv1 = nn.Conv1d(n_mels * stride, channels, kernel)
         self.conv2 = nn.Conv1d(channels, channels, kernel)
+        self.video_dim = video_dim
+        self.video_proj = nn.Linear(video_dim, channels) if video_dim else None
         self.act = nn.GELU()
         self.dropout = nn.Dropout(dropout)
         if core == "attention":
@@ -155,22 +163,31 @@ class LipSyncModel(nn.Module):
         visemes = None if self.viseme_head is None else self.viseme_head(h)
         return {"curves": curves, "visemes": visemes}
 
-    def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
+    def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor,
+                video: Optional[torch.Tensor] = None) -> dict[str, Optional[torch.Tensor]]:
         """Predict the face track.
 
         Args:
             mel: ``(B, F, 80)`` float32 log-mel at 100 fps.
             mel_lengths: ``(B,)`` int64 valid frames.
+            video: ``(B, T, video_dim)`` float32 mouth features at 25 fps (video frame ``t`` spans
+                mel frames ``4t .. 4t + 3``; frames past ``F / 4`` are ignored, missing ones are
+                zero); required when ``video_dim > 0``, refused otherwise.
 
         Returns:
             ``{"curves": (B, F, K) float32 or None, "visemes": (B, F, V) logits or None,
             "lengths": (B,) int64}``; values past ``lengths`` are not meaningful.
 
         Raises:
-            ValueError: when ``mel`` is not ``(B, F, n_mels)`` with ``F >= 1``.
+            ValueError: when ``mel`` is not ``(B, F, n_mels)`` with ``F >= 1``, or ``video`` is
+                missing, not ``(B, T, video_dim)``, or given to an audio-only model.
         """
         if mel.dim() != 3 or mel.shape[-1] != self.n_mels or mel.shape[1] < 1:
             raise ValueError(f"mel must be (B, F>=1, {self.n_mels}), got shape {tuple(mel.shape)}")
+        if (video is None) != (self.video_proj is None) or (
+                video is not None and (video.dim() != 3 or video.shape[0] != mel.shape[0] or video.shape[2] != self.video_dim)):
+            raise ValueError(f"this model takes video (B, T, {self.video_dim}) features" if self.video_dim else
+                             "this model is audio-only: it takes no video")
         n, batch = mel.shape[1], mel.shape[0]
         lengths = mel_lengths.clamp(1, n)
         x = (mel - self.feat_mean) / self.feat_std * lengths_to_mask(lengths, n)[..., None]
@@ -181,6 +198,9 @@ class LipSyncModel(nn.Module):
             steps = torch.div(lengths + self.stride - 1, self.stride, rounding_mode="floor")
         mask = lengths_to_mask(steps, n_steps)
         x = self._conv(self.conv2, self._conv(self.conv1, x.transpose(1, 2), mask[:, None]), mask[:, None]).transpose(1, 2)
+        if video is not None:  # one video frame per 4 / stride steps
+            v = self.video_proj(video).repeat_interleave(4 // self.stride, dim=1)[:, :n_steps]
+            x = x + nn.functional.pad(v, (0, 0, 0, n_steps - v.shape[1])) * mask[..., None]
         if self.core == "attention":
             h = self.proj(x) + _sinusoid(n_steps, self.proj.out_features, x.device)
             h = self.attention(h, src_key_padding_mask=~mask)

@@ -34,9 +34,11 @@ from tqdm import tqdm
 
 from avsr.audio_features import MEL_PER_VIDEO_FRAME, SAMPLE_RATE, log_mel
 from avsr.data.manifest import read_manifest
+from avsr.data.media import MediaError, read_video
 from avsr.evaluation.aux_metrics import curve_metrics
 from avsr.lipsync.model import LipSyncModel, save_lipsync_model, to_video_rate
 from avsr.lipsync.targets import BLENDSHAPES, corpus_blendshapes
+from avsr.lipsync.video import MouthFeatures
 from avsr.models.heads import masked_mean
 from avsr.models.masking import lengths_to_mask
 from avsr.utils import seed_everything
@@ -57,8 +59,9 @@ NO_LABEL = -1  # viseme label of frames without one (ignored by the loss and the
 class LipSyncData:
     """Utterances ready for the model. Per utterance: log-mel ``(4T, 80)`` float32 at 100 fps,
     curves ``(T, K)`` float32 at 25 fps (columns :attr:`curve_names`), a ``(T,)`` bool mask of
-    frames with a detected face, and viseme labels ``(T,)`` int64 (indices into
-    :attr:`viseme_names`, :data:`NO_LABEL` where there is none)."""
+    frames with a detected face, viseme labels ``(T,)`` int64 (indices into
+    :attr:`viseme_names`, :data:`NO_LABEL` where there is none), and, when loaded with a video
+    frontend, mouth features ``(T, D)`` float32 (:mod:`avsr.lipsync.video`; else ``videos`` is empty)."""
 
     curve_names: tuple[str, ...] = ()
     viseme_names: tuple[str, ...] = ()
@@ -67,6 +70,7 @@ class LipSyncData:
     curves: list[torch.Tensor] = field(default_factory=list)
     masks: list[torch.Tensor] = field(default_factory=list)
     visemes: list[torch.Tensor] = field(default_factory=list)
+    videos: list[torch.Tensor] = field(default_factory=list)
     _mel_rate: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)  # batch()'s cache
 
     def __len__(self) -> int:
@@ -75,8 +79,8 @@ class LipSyncData:
     def subset(self, keep: Sequence[bool]) -> "LipSyncData":
         """The utterances where ``keep`` is True."""
         pick = [i for i, k in enumerate(keep) if k]
-        return LipSyncData(self.curve_names, self.viseme_names, *([getattr(self, f)[i] for i in pick]
-                                                                  for f in ("utt_ids", "mels", "curves", "masks", "visemes")))
+        fields = ("utt_ids", "mels", "curves", "masks", "visemes") + (("videos",) if self.videos else ())
+        return LipSyncData(self.curve_names, self.viseme_names, *([getattr(self, f)[i] for i in pick] for f in fields))
 
     def curve(self, name: str) -> list[np.ndarray]:
         """One curve ``(T,)`` of every utterance. Raises ``KeyError`` for a curve the data lack."""
@@ -87,7 +91,8 @@ class LipSyncData:
 
     def batch(self, index: list[int]) -> dict[str, torch.Tensor]:
         """Padded batch at 100 fps: ``mel (B, F, 80)``, ``mel_lengths (B,)``, ``curves (B, F, K)``,
-        ``curve_mask (B, F)`` bool, ``visemes (B, F)`` int64 (:data:`NO_LABEL` past the end)."""
+        ``curve_mask (B, F)`` bool, ``visemes (B, F)`` int64 (:data:`NO_LABEL` past the end), and
+        ``video (B, F / 4, D)`` (None without video features)."""
         pad = torch.nn.utils.rnn.pad_sequence
         mels = [self.mels[i] for i in index]
         for i in index:  # the 100 fps targets of a clip, made once
@@ -98,7 +103,8 @@ class LipSyncData:
                 "mel_lengths": torch.tensor([len(m) for m in mels], dtype=torch.long),
                 "curves": pad([u[0] for u in ups], batch_first=True),
                 "curve_mask": pad([u[1] for u in ups], batch_first=True),
-                "visemes": pad([u[2] for u in ups], batch_first=True, padding_value=NO_LABEL)}
+                "visemes": pad([u[2] for u in ups], batch_first=True, padding_value=NO_LABEL),
+                "video": pad([self.videos[i] for i in index], batch_first=True) if self.videos else None}
 
 
 def _to_mel_rate(curves: torch.Tensor, mask: torch.Tensor, visemes: torch.Tensor,
@@ -118,7 +124,8 @@ def _to_mel_rate(curves: torch.Tensor, mask: torch.Tensor, visemes: torch.Tensor
 def load_lipsync_data(root: str | Path, split: str, curves: Sequence[str] = (MOUTH_OPENING,),
                       visemes: Optional[dict[str, list[str]]] = None, viseme_names: Sequence[str] = (),
                       with_targets: bool = True,
-                      speaker_of: Callable[[str], str] = lambda utt_id: "") -> LipSyncData:
+                      speaker_of: Callable[[str], str] = lambda utt_id: "",
+                      video_features: Optional[MouthFeatures] = None) -> LipSyncData:
     """Log-mel and targets of every clip of ``<root>/<split>.tsv``.
 
     Args:
@@ -129,6 +136,8 @@ def load_lipsync_data(root: str | Path, split: str, curves: Sequence[str] = (MOU
             :func:`avsr.lipsync.aligner.clip_visemes`; utterances without labels get :data:`NO_LABEL`.
         viseme_names: the viseme classes, in the model's order.
         with_targets: False reads the audio only (unlabelled data; curves zero, masks false).
+        video_features: also the mouth features of each clip's ``.mp4`` (its 96x96 mouth ROI,
+            cut or zero-padded to the audio's frames), for a model with video input.
 
     Clips whose files cannot be read are logged (naming the file) and skipped.
 
@@ -167,7 +176,13 @@ def load_lipsync_data(root: str | Path, split: str, curves: Sequence[str] = (MOU
                 mask = mask[:n_frames]
             if n_frames < 1:
                 raise ValueError("shorter than one video frame")
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            if video_features is not None:
+                crops = read_video(row.file(root, ".mp4"), gray=True)[0]
+                if not len(crops):
+                    raise ValueError("no video frames")
+                feats = video_features(crops[:n_frames])
+                feats = torch.nn.functional.pad(feats, (0, 0, 0, n_frames - len(feats)))
+        except (OSError, ValueError, KeyError, RuntimeError, MediaError) as exc:
             log.warning("skipping %s: %s", wav_path, exc)
             continue
         labels = np.full(n_frames, NO_LABEL, np.int64)
@@ -178,6 +193,8 @@ def load_lipsync_data(root: str | Path, split: str, curves: Sequence[str] = (MOU
                 raise ValueError(f"{row.utt_id}: viseme labels {bad} not in {list(viseme_names)}")
             labels[: len(got)] = [index[v] for v in got]
         waves.append(torch.from_numpy(wave[: n_frames * SAMPLES_PER_FRAME]))
+        if video_features is not None:
+            data.videos.append(feats)
         data.utt_ids.append(row.utt_id)
         data.curves.append(torch.from_numpy(np.ascontiguousarray(target)))
         data.masks.append(torch.from_numpy(np.ascontiguousarray(mask)))
@@ -321,6 +338,9 @@ def train_lipsync_model(train: LipSyncData, model_args: dict, cfg: LipSyncTrainC
     if model.curves != train.curve_names or model.visemes not in ((), train.viseme_names):
         raise ValueError(f"the model predicts curves {model.curves} and visemes {model.visemes}; the data have "
                          f"{train.curve_names} and {train.viseme_names}")
+    if bool(model.video_dim) != bool(train.videos):
+        raise ValueError("the model takes video features and the data have none" if model.video_dim else
+                         "the data have video features and the model is audio-only")
     if init is not None:
         model.load_state_dict(init.state_dict())
     model.set_stats(*_stats(train))
@@ -339,16 +359,16 @@ def train_lipsync_model(train: LipSyncData, model_args: dict, cfg: LipSyncTrainC
         t0 = time.perf_counter()
         batch = train.batch(torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist())
         mel = _augment(batch["mel"], cfg.gain_db, cfg.freq_warp)
-        out = model(mel, batch["mel_lengths"])
+        out = model(mel, batch["mel_lengths"], batch["video"])
         loss = _supervised(out, batch, scale, cfg)
         if cfg.rdrop_weight > 0:
-            out2 = model(mel, batch["mel_lengths"])
+            out2 = model(mel, batch["mel_lengths"], batch["video"])
             loss = 0.5 * (loss + _supervised(out2, batch, scale, cfg)) + cfg.rdrop_weight * _consistency(out, out2, scale)
         if teacher is not None:
             u = unlabelled.batch(torch.randint(len(unlabelled), (cfg.batch_size,), generator=gen).tolist())
-            student = model(_augment(u["mel"], cfg.gain_db, cfg.freq_warp), u["mel_lengths"])
+            student = model(_augment(u["mel"], cfg.gain_db, cfg.freq_warp), u["mel_lengths"], u["video"])
             with torch.no_grad():
-                target = teacher(_augment(u["mel"], cfg.gain_db, cfg.freq_warp), u["mel_lengths"])
+                target = teacher(_augment(u["mel"], cfg.gain_db, cfg.freq_warp), u["mel_lengths"], u["video"])
             weight = cfg.mean_teacher_weight * sigmoid_rampup(step, cfg.rampup_steps)
             loss = loss + weight * _consistency(student, target, scale)
         opt.zero_grad(set_to_none=True)
@@ -375,7 +395,7 @@ def predict(model: LipSyncModel, data: LipSyncData, batch_size: int = 32) -> lis
     for start in range(0, len(data), batch_size):
         index = list(range(start, min(start + batch_size, len(data))))
         batch = data.batch(index)
-        pred = model(batch["mel"], batch["mel_lengths"])
+        pred = model(batch["mel"], batch["mel_lengths"], batch["video"])
         probs = None if pred["visemes"] is None else pred["visemes"].softmax(-1)
         for row, i in enumerate(index):
             n, t = int(pred["lengths"][row]), len(data.curves[i])
@@ -411,8 +431,13 @@ def energy_envelope_curves(data: LipSyncData) -> list[np.ndarray]:
 
 
 def save_lipsync_checkpoint(path: str | Path, model: LipSyncModel, model_args: dict, cfg: LipSyncTrainConfig,
-                            metrics: Optional[dict] = None) -> Path:
-    """Write the model with its ``train_config`` and ``metrics`` (plain numbers and strings) atomically
-    (read by :func:`avsr.lipsync.model.load_lipsync_model`)."""
-    save_lipsync_model(path, model, model_args, {"train_config": asdict(cfg), "metrics": metrics or {}})
+                            metrics: Optional[dict] = None, video_features: Optional[MouthFeatures] = None) -> Path:
+    """Write the model with its ``train_config``, ``metrics`` (plain numbers and strings) and, for a
+    model with video input, its video frontend (``video_frontend``: :meth:`MouthFeatures.state`)
+    atomically (read by :func:`avsr.lipsync.model.load_lipsync_model` and
+    :func:`avsr.lipsync.video.load_mouth_features`)."""
+    extra = {"train_config": asdict(cfg), "metrics": metrics or {}}
+    if video_features is not None:
+        extra["video_frontend"] = video_features.state()
+    save_lipsync_model(path, model, model_args, extra)
     return Path(path)
