@@ -47,7 +47,7 @@ aligner: $(STAMP)
 lipsync-bench: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation -c requirements.txt -e ".[lipsync-bench]"
 	$(PY) benchmarks/bench_lipsync.py --out benchmarks \
-		$(if $(wildcard runs/grid/exp/video/best.pt),--video-frontend runs/grid/exp/video/best.pt,)
+		$(if $(wildcard runs/grid/exp/video/average.pt),--video-frontend runs/grid/exp/video/average.pt,)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out benchmarks

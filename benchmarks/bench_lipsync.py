@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aligner-steps", type=int, default=2000)
     parser.add_argument("--video-frontend", default=None, metavar="AVSR_CHECKPOINT",
                         help=f"also score {VIDEO_SYSTEM}: the bigru model fed the mouth video through this AVSR "
-                             "model's visual frontend (make demo's video model: runs/grid/exp/video/best.pt)")
+                             "model's visual frontend (make demo's video model: runs/grid/exp/video/average.pt)")
     parser.add_argument("--preview-png", default=str(REPO / "docs" / "lipsync_preview_strip.png"),
                         help="preview strip of the causal model on the first s1 test clip ('' skips it)")
     args = parser.parse_args(argv)
