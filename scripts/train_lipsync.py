@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--gain-db", type=float, default=d.gain_db)
     t.add_argument("--freq-warp", type=float, default=d.freq_warp,
                    help="vocal-tract-length warp of the mel axis by up to +-this fraction (0 = off)")
+    t.add_argument("--speed-perturb", type=float, nargs="*", default=[], metavar="FACTOR",
+                   help="also train on each clip at these speeds (tempo and pitch; Kaldi: 0.9 1.1)")
     t.add_argument("--viseme-weight", type=float, default=d.viseme_weight)
     t.add_argument("--rdrop", type=float, default=d.rdrop_weight, help="R-Drop consistency weight (0 = off)")
     t.add_argument("--mean-teacher", type=float, default=d.mean_teacher_weight,
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         video = MouthFeatures.from_avsr_checkpoint(args.video_frontend) if args.video_frontend else None
         model_args["video_dim"] = video.dim if video else 0
         load = dict(curves=curves, visemes=labels, viseme_names=viseme_names, video_features=video)
-        train = load_lipsync_data(args.root, args.train_split, **load)
+        train = load_lipsync_data(args.root, args.train_split, speed_perturb=args.speed_perturb, **load)
         unlabelled = (load_lipsync_data(args.root, args.unlabelled_split, curves, with_targets=False,
                                         video_features=video)
                       if args.unlabelled_split else None)

@@ -19,6 +19,7 @@ from avsr.data.transforms import (
     Clip,
     HorizontalFlip,
     RandomCrop,
+    SpeedPerturb,
     TimeMask,
     build_transform,
 )
@@ -179,6 +180,29 @@ def test_time_mask_replaces_spans_with_the_mean_frame():
     changed = [t for t in range(75) if not np.array_equal(out[t], video[t])]
     assert 0 < len(changed) <= 30
     assert all(np.allclose(out[t], video.mean(0)) for t in changed)
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+def test_speed_perturbation_changes_tempo_and_pitch_and_keeps_audio_video_sync(factor):
+    t, sr = 75, 16000
+    frames = np.arange(t, dtype=np.uint8)[:, None, None].repeat(8, 1).repeat(8, 2)  # frame k has value k
+    # a 200 Hz tone that starts at frame 40: the onset must land on the video frame that shows frame 40
+    audio = np.sin(2 * np.pi * 200 * np.arange(t * 640) / sr).astype(np.float32)
+    audio[:40 * 640] = 0
+    clip = Clip(video=frames, landmarks=np.zeros((t, 20, 2), np.float32), audio=audio,
+                mouth_opening=np.arange(t, dtype=np.float32))
+    out = SpeedPerturb([factor])(clip, np.random.default_rng(0))
+    n = round(t / factor)
+    assert out.video.shape == (n, 8, 8) and out.landmarks.shape == (n, 20, 2) and out.audio.shape == (n * 640,)
+    assert np.array_equal(out.mouth_opening, out.video[:, 0, 0].astype(np.float32))
+    assert out.video[0, 0, 0] == 0 and out.video[-1, 0, 0] == t - 1
+    onset = int(np.argmax(np.abs(out.audio) > 0.5)) // 640  # first loud output frame
+    assert abs(int(out.video[onset, 0, 0]) - 40) <= 1
+    tone = out.audio[(onset + 2) * 640:]
+    peak_hz = np.argmax(np.abs(np.fft.rfft(tone))) * sr / len(tone)
+    assert abs(peak_hz - 200 * factor) < 5
+    with pytest.raises(ValueError, match="SpeedPerturb"):
+        SpeedPerturb([])
 
 
 def test_pipelines_output_normalised_crops_and_are_reproducible():

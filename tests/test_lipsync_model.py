@@ -171,6 +171,26 @@ def test_mel_axis_warp_moves_a_formant_and_keeps_identity_and_shape() -> None:
         LipSyncTrainConfig(freq_warp=0.6)
 
 
+def test_speed_perturbed_copies_keep_audio_and_targets_in_step(grid_prepared) -> None:
+    from avsr.lipsync.train import load_lipsync_data, MOUTH_OPENING
+
+    plain = load_lipsync_data(grid_prepared, "test")
+    data = load_lipsync_data(grid_prepared, "test", speed_perturb=(0.9, 1.0, 1.1))
+    assert len(data) == 3 * len(plain)
+    assert data.utt_ids[:3] == [plain.utt_ids[0], plain.utt_ids[0] + "_sp0.9", plain.utt_ids[0] + "_sp1.1"]
+    for k, factor in ((1, 0.9), (2, 1.1)):
+        n = round(len(plain.curves[0]) / factor)
+        assert data.curves[k].shape == (n, 1) and data.masks[k].shape == (n,) and data.visemes[k].shape == (n,)
+        assert len(data.mels[k]) == 4 * n  # the audio has 640 samples per new frame: 4 mel frames each
+        # the mouth opens and closes when the sound comes and goes: the copy's opening curve follows
+        # the speeded energy as the original's follows the original energy
+        energy = lambda mel: to_video_rate(mel.exp().sum(1, keepdim=True)).squeeze(1).log().numpy()  # noqa: E731
+        r_plain = np.corrcoef(energy(plain.mels[0])[: len(plain.curves[0])], plain.curve(MOUTH_OPENING)[0])[0, 1]
+        r_copy = np.corrcoef(energy(data.mels[k])[:n], data.curve(MOUTH_OPENING)[k])[0, 1]
+        assert r_copy > 0.3 and abs(r_copy - r_plain) < 0.1
+    torch.testing.assert_close(data.mels[0], plain.mels[0])
+
+
 def test_to_video_rate_averages_each_frames_four_mel_frames() -> None:
     x = torch.arange(10, dtype=torch.float32)[:, None]
     assert to_video_rate(x).squeeze(1).tolist() == [1.5, 5.5]

@@ -84,6 +84,14 @@ def log_mel(wave: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> tuple
     return mel.masked_fill(pad[..., None], LOG_FLOOR_VALUE), out_lengths
 
 
+def framewise_mel_transform() -> torchaudio.transforms.MelSpectrogram:
+    """The mel filterbank of :func:`log_mel` without its centring pad (``center=False``): frame
+    ``i`` covers samples ``[160 i, 160 i + 640)`` of its input (before the log). Used by
+    :class:`LogMelStream` and by the ONNX export's streaming step."""
+    kw = {k: v for k, v in _MEL_KW.items() if k != "pad_mode"}
+    return torchaudio.transforms.MelSpectrogram(**kw, center=False)
+
+
 class LogMelStream:
     """:func:`log_mel` of one stream of audio that arrives in pieces, frame by frame.
 
@@ -94,8 +102,7 @@ class LogMelStream:
     """
 
     def __init__(self) -> None:
-        kw = {k: v for k, v in _MEL_KW.items() if k != "pad_mode"}
-        self._mel = torchaudio.transforms.MelSpectrogram(**kw, center=False)
+        self._mel = framewise_mel_transform()
         self._buf = torch.zeros(N_FFT // 2)  # the offline zero padding before the first sample
         self._offset = 0  # index of self._buf[0] in the zero-padded stream
         self._samples = 0

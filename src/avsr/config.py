@@ -61,6 +61,8 @@ class DataConfig:
     crop_size: int = 88  # random (train) / centre (test) crop of the 96x96 ROI
     hflip_prob: float = 0.5
     time_mask_max_frames: int = 10  # longest train-time time mask, frames (0 disables)
+    speed_perturb: list[float] = field(default_factory=list)  # train-time speed factors, one drawn per clip
+                                                              # (Kaldi/ESPnet: [0.9, 1.0, 1.1]); empty disables
     video_mean: float = 0.421  # grayscale normalisation (after AV-RelScore)
     video_std: float = 0.165
 

@@ -308,12 +308,12 @@ class LipSyncAudioStep(nn.Module):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        from avsr.audio_features import LOG_FLOOR, LogMelStream
+        from avsr.audio_features import LOG_FLOOR, framewise_mel_transform
         from avsr.lipsync.model import LipSyncStep
 
         super().__init__()
         self.step = LipSyncStep(model)
-        self.mel = DFTMelSpectrogram(LogMelStream()._mel)
+        self.mel = DFTMelSpectrogram(framewise_mel_transform())
         self.floor = LOG_FLOOR
         self.context = self.mel.n_fft - self.mel.hop  # 480 samples
 

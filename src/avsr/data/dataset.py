@@ -141,7 +141,8 @@ class AVDataset(torch.utils.data.Dataset):
             if self.audio_corrupt is not None:
                 wave = self.audio_corrupt(wave, rng, exclude=(row.utt_id,))
             stage = "transforming"
-            clip = self.transform(Clip(video=frames, landmarks=landmarks, audio=wave), rng)
+            clip = self.transform(Clip(video=frames, landmarks=landmarks, audio=wave,
+                                       mouth_opening=meta["mouth_opening"]), rng)
         except Exception as exc:  # noqa: BLE001 - decoders and corruptors raise many types; report and skip
             name = self._name(row)
             if name not in self._reported:
@@ -151,7 +152,7 @@ class AVDataset(torch.utils.data.Dataset):
         return Sample(utt_id=row.utt_id, transcript=row.transcript, video=clip.video,
                       audio=np.ascontiguousarray(clip.audio, dtype=np.float32), tokens=self.tokens[index],
                       landmarks=np.ascontiguousarray(clip.landmarks, dtype=np.float32),
-                      mouth_opening=meta["mouth_opening"])
+                      mouth_opening=clip.mouth_opening)
 
 
 def hold_out(rows: Sequence[ManifestRow], n: int, seed: int) -> tuple[list[ManifestRow], list[ManifestRow]]:

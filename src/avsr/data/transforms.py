@@ -10,7 +10,8 @@ landmark-driven consumers (occluders, mouth-opening targets) stay on the lips.
 
 Pipelines (:func:`build_transform`):
 
-- train: random ``crop_size`` crop, horizontal flip with ``hflip_prob``, scale to [0, 1],
+- train: speed perturbation (one of ``speed_perturb``'s factors per clip, audio and video
+  together), random ``crop_size`` crop, horizontal flip with ``hflip_prob``, scale to [0, 1],
   time masking of the video (``time_mask_max_frames`` frames per second of video, replaced by the
   clip's mean frame) and of the audio (the matching span length in samples, replaced by the
   waveform mean), normalisation with ``(video_mean, video_std)``;
@@ -20,9 +21,12 @@ Pipelines (:func:`build_transform`):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
+import torchaudio
 
 from avsr.config import DataConfig
 
@@ -43,11 +47,13 @@ class Clip:
     - ``landmarks``: ``(T, 20, 2)`` float32 lip landmarks ``(x, y)`` in pixels of ``video``
       (iBUG-68 mouth order), or ``None``
     - ``audio``: ``(S,)`` float32 waveform in [-1, 1] at 16 kHz, or ``None``
+    - ``mouth_opening``: ``(T,)`` float32 per-frame target (moves only with time transforms), or ``None``
     """
 
     video: np.ndarray
     landmarks: Optional[np.ndarray] = None
     audio: Optional[np.ndarray] = None
+    mouth_opening: Optional[np.ndarray] = None
 
 
 Transform = Callable[[Clip, np.random.Generator], Clip]
@@ -171,6 +177,53 @@ class Normalize:
         return f"Normalize(mean={self.mean}, std={self.std})"
 
 
+def speed_perturb(n_frames: int, audio: Optional[np.ndarray], factor: float) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """One clip of ``n_frames`` 25 fps frames played ``factor`` times faster (see :class:`SpeedPerturb`).
+
+    Returns ``(index, audio)``: ``index`` ``(round(n_frames / factor),)`` int64, the source frame of
+    each output frame (nearest in time; index any per-frame array with it), and the waveform
+    ``(S,)`` float32 at 16 kHz resampled (torchaudio) and cut or zero-padded to 640 samples per
+    output frame (``None`` when ``audio`` is ``None``).
+    """
+    f = Fraction(factor).limit_denominator(100)
+    t_new = max(1, round(n_frames / f))
+    idx = np.minimum(((np.arange(t_new) + 0.5) * float(f)).astype(np.int64), n_frames - 1)
+    if audio is not None:  # f = p / q: every p input samples become q output samples
+        audio = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)),
+                                               orig_freq=f.numerator, new_freq=f.denominator).numpy()
+        n = t_new * SAMPLES_PER_FRAME
+        audio = audio[:n] if len(audio) >= n else np.pad(audio, (0, n - len(audio)))
+    return idx, audio
+
+
+class SpeedPerturb:
+    """Speed perturbation of the whole clip (Ko et al. 2015, Kaldi's and ESPnet's 0.9 / 1.0 / 1.1):
+    one factor ``f`` of ``factors`` is drawn per clip; the waveform is resampled so that it plays
+    ``f`` times faster (tempo and pitch change together, as with sox ``speed``) and the video,
+    landmarks and mouth opening are resampled in time by nearest frame, so audio and video stay
+    in sync at 25 fps: ``T`` frames become ``round(T / f)`` and the audio ``640`` samples per frame.
+
+    Raises ``ValueError`` for an empty ``factors`` or a factor outside ``[0.5, 2]``.
+    """
+
+    def __init__(self, factors: Sequence[float]) -> None:
+        if not factors or any(not 0.5 <= f <= 2.0 for f in factors):
+            raise ValueError(f"SpeedPerturb: need factors in [0.5, 2], got {list(factors)}")
+        self.factors = [float(f) for f in factors]
+
+    def __call__(self, clip: Clip, rng: np.random.Generator) -> Clip:
+        f = self.factors[int(rng.integers(len(self.factors)))]
+        if f == 1:
+            return clip
+        idx, audio = speed_perturb(len(clip.video), clip.audio, f)
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return replace(clip, video=clip.video[idx], landmarks=pick(clip.landmarks), audio=audio,
+                       mouth_opening=pick(clip.mouth_opening))
+
+    def __repr__(self) -> str:
+        return f"SpeedPerturb({self.factors})"
+
+
 def _mask_spans(n: int, max_len: int, stride: int, rng: np.random.Generator) -> list[tuple[int, int]]:
     """One span of up to ``max_len`` items per ``stride`` items of an ``n``-item sequence."""
     spans = []
@@ -237,14 +290,15 @@ class AudioTimeMask:
 
 
 def build_transform(cfg: DataConfig, train: bool) -> Compose:
-    """The train (random crop, flip, time masks) or test (centre crop) pipeline of ``cfg``.
+    """The train (speed perturbation, random crop, flip, time masks) or test (centre crop) pipeline of ``cfg``.
 
     Input: a :class:`Clip` with ``uint8`` ``(T, 96, 96)`` frames; output: ``float32``
     ``(T, crop_size, crop_size)`` normalised frames, landmarks in crop pixels.
     """
     if not train:
         return Compose([CenterCrop(cfg.crop_size), Scale(), Normalize(cfg.video_mean, cfg.video_std)])
-    steps: list[Transform] = [RandomCrop(cfg.crop_size)]
+    steps: list[Transform] = [SpeedPerturb(cfg.speed_perturb)] if cfg.speed_perturb else []
+    steps.append(RandomCrop(cfg.crop_size))
     if cfg.hflip_prob > 0:
         steps.append(HorizontalFlip(cfg.hflip_prob))
     steps.append(Scale())

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from avsr.audio_features import MEL_PER_VIDEO_FRAME, SAMPLE_RATE, log_mel
 from avsr.data.manifest import read_manifest
 from avsr.data.media import MediaError, read_video
+from avsr.data.transforms import speed_perturb as speed_perturb_clip
 from avsr.evaluation.aux_metrics import curve_metrics
 from avsr.lipsync.model import LipSyncModel, save_lipsync_model, to_video_rate
 from avsr.lipsync.targets import BLENDSHAPES, corpus_blendshapes
@@ -125,7 +126,8 @@ def load_lipsync_data(root: str | Path, split: str, curves: Sequence[str] = (MOU
                       visemes: Optional[dict[str, list[str]]] = None, viseme_names: Sequence[str] = (),
                       with_targets: bool = True,
                       speaker_of: Callable[[str], str] = lambda utt_id: "",
-                      video_features: Optional[MouthFeatures] = None) -> LipSyncData:
+                      video_features: Optional[MouthFeatures] = None,
+                      speed_perturb: Sequence[float] = ()) -> LipSyncData:
     """Log-mel and targets of every clip of ``<root>/<split>.tsv``.
 
     Args:
@@ -138,6 +140,10 @@ def load_lipsync_data(root: str | Path, split: str, curves: Sequence[str] = (MOU
         with_targets: False reads the audio only (unlabelled data; curves zero, masks false).
         video_features: also the mouth features of each clip's ``.mp4`` (its 96x96 mouth ROI,
             cut or zero-padded to the audio's frames), for a model with video input.
+        speed_perturb: speed factors (e.g. ``(0.9, 1.1)``, training data only): each clip is also
+            added once per factor other than 1, its audio played that much faster (tempo and pitch,
+            :func:`avsr.data.transforms.speed_perturb`) and its targets, mask, visemes and video
+            features resampled in time with it; the copy's id is ``<utt_id>_sp<factor>``.
 
     Clips whose files cannot be read are logged (naming the file) and skipped.
 
@@ -192,13 +198,16 @@ def load_lipsync_data(root: str | Path, split: str, curves: Sequence[str] = (MOU
             if bad:
                 raise ValueError(f"{row.utt_id}: viseme labels {bad} not in {list(viseme_names)}")
             labels[: len(got)] = [index[v] for v in got]
-        waves.append(torch.from_numpy(wave[: n_frames * SAMPLES_PER_FRAME]))
-        if video_features is not None:
-            data.videos.append(feats)
-        data.utt_ids.append(row.utt_id)
-        data.curves.append(torch.from_numpy(np.ascontiguousarray(target)))
-        data.masks.append(torch.from_numpy(np.ascontiguousarray(mask)))
-        data.visemes.append(torch.from_numpy(labels))
+        wave = wave[: n_frames * SAMPLES_PER_FRAME]
+        for factor in [1.0] + [f for f in speed_perturb if f != 1]:
+            idx, w = (np.arange(n_frames), wave) if factor == 1 else speed_perturb_clip(n_frames, wave, factor)
+            waves.append(torch.from_numpy(np.ascontiguousarray(w)))
+            if video_features is not None:
+                data.videos.append(feats[torch.from_numpy(idx)])
+            data.utt_ids.append(row.utt_id if factor == 1 else f"{row.utt_id}_sp{factor:g}")
+            data.curves.append(torch.from_numpy(np.ascontiguousarray(target[idx])))
+            data.masks.append(torch.from_numpy(np.ascontiguousarray(mask[idx])))
+            data.visemes.append(torch.from_numpy(labels[idx]))
     if not data.utt_ids:
         raise ValueError(f"no readable clips in {Path(root) / (split + '.tsv')}")
     for start in range(0, len(waves), 32):  # batched: much faster than clip by clip
