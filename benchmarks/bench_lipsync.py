@@ -67,7 +67,7 @@ from avsr.data.preprocess import preprocess  # noqa: E402
 from avsr.evaluation.aux_metrics import pearson_r  # noqa: E402
 from avsr.lipsync.aligner import clip_visemes, load_aligner, load_aligner_data, save_aligner, train_phone_ctc  # noqa: E402
 from avsr.lipsync.model import WINDOW_AHEAD_MS, LipSyncStream, load_lipsync_model  # noqa: E402
-from avsr.lipsync.train import (CURVES, MOUTH_OPENING, LipSyncTrainConfig, energy_envelope_curves,  # noqa: E402
+from avsr.lipsync.train import (CURVES, LIPSYNC_SPEEDS, MOUTH_OPENING, LipSyncTrainConfig, energy_envelope_curves,  # noqa: E402
                                 load_lipsync_data, predict, save_lipsync_checkpoint, train_lipsync_model)
 from avsr.lipsync.targets import BLENDSHAPES  # noqa: E402
 from avsr.lipsync.video import MouthFeatures  # noqa: E402
@@ -300,18 +300,21 @@ def main(argv: list[str] | None = None) -> int:
     labels = {name: clip_visemes(aligner, load_aligner_data(root, split), table=RHUBARB)
               for name, (root, split, _) in sets.items()}
     load = dict(curves=list(CURVES), viseme_names=RHUBARB_SHAPES)
-    data = {name: load_lipsync_data(root, split, visemes=labels[name], speaker_of=lambda u, s=spk: s.get(u, ""), **load)
+    data = {name: load_lipsync_data(root, split, visemes=labels[name], speaker_of=lambda u, s=spk: s.get(u, ""),
+                                    speed_perturb=LIPSYNC_SPEEDS if name == "train" else (), **load)
             for name, (root, split, spk) in sets.items()}
     rows = {name: {r.utt_id: r for r in read_manifest(root, split)} for name, (root, split, _) in sets.items()}
     report: dict = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                              text=True).stdout.strip(),
                     "test_sets": {n: len(d) for n, d in data.items() if n != "train"}, "systems": {}, "speed": {},
-                    "training": {"clips": len(data["train"]), "steps": args.steps}}
+                    "training": {"clips": len(data["train"]) // (1 + sum(f != 1 for f in LIPSYNC_SPEEDS)),
+                                 "speed_perturb": list(LIPSYNC_SPEEDS), "steps": args.steps}}
     systems = [(system, core, data) for system, core in CORES.items()]
     if args.video_frontend:  # the offline core with the mouth video too, through an AVSR visual frontend
         mouth = MouthFeatures.from_avsr_checkpoint(args.video_frontend)
         video_data = {name: load_lipsync_data(root, split, visemes=labels[name], video_features=mouth,
-                                              speaker_of=lambda u, s=spk: s.get(u, ""), **load)
+                                              speaker_of=lambda u, s=spk: s.get(u, ""),
+                                              speed_perturb=LIPSYNC_SPEEDS if name == "train" else (), **load)
                       for name, (root, split, spk) in sets.items()}
         systems.append((VIDEO_SYSTEM, dict(CORES["avsr_bigru"], video_dim=mouth.dim), video_data))
     for system, core, sys_data in systems:

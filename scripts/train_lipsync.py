@@ -26,8 +26,8 @@ from pathlib import Path
 
 from avsr.evaluation.curves import plot_curves, write_curve
 from avsr.lipsync.model import CORES
-from avsr.lipsync.train import (CURVES, MOUTH_OPENING, LipSyncTrainConfig, evaluate_lipsync_model, load_lipsync_data,
-                                predict, save_lipsync_checkpoint, train_lipsync_model)
+from avsr.lipsync.train import (CURVES, LIPSYNC_SPEEDS, MOUTH_OPENING, LipSyncTrainConfig, evaluate_lipsync_model,
+                                load_lipsync_data, predict, save_lipsync_checkpoint, train_lipsync_model)
 from avsr.lipsync.video import MouthFeatures
 from avsr.utils import atomic_write_text, set_num_threads, setup_logging
 
@@ -65,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--gain-db", type=float, default=d.gain_db)
     t.add_argument("--freq-warp", type=float, default=d.freq_warp,
                    help="vocal-tract-length warp of the mel axis by up to +-this fraction (0 = off)")
-    t.add_argument("--speed-perturb", type=float, nargs="*", default=[], metavar="FACTOR",
-                   help="also train on each clip at these speeds (tempo and pitch; Kaldi: 0.9 1.1)")
+    t.add_argument("--speed-perturb", type=float, nargs="*", default=list(LIPSYNC_SPEEDS), metavar="FACTOR",
+                   help="also train on each clip at these speeds (tempo and pitch together; default: "
+                        f"{' '.join(map(str, LIPSYNC_SPEEDS))}; the flag alone turns it off)")
     t.add_argument("--viseme-weight", type=float, default=d.viseme_weight)
     t.add_argument("--rdrop", type=float, default=d.rdrop_weight, help="R-Drop consistency weight (0 = off)")
     t.add_argument("--mean-teacher", type=float, default=d.mean_teacher_weight,

@@ -53,6 +53,10 @@ DB_TO_LOG_MAGNITUDE = math.log(10.0) / 20.0  # a gain of g dB adds g * this to a
 #: The audio → mouth-opening model of ``make demo`` and the benchmarks (R3MOE's task and core).
 MOUTH_OPENING_ARGS = dict(curves=[MOUTH_OPENING], core="bigru", channels=64, hidden=64, kernel=3, dropout=0.1,
                           stride=4)
+#: Speeds of the training clips' extra copies (``load_lipsync_data(speed_perturb=)``) in the lip-sync
+#: recipe (``train_lipsync.py``, ``make lipsync-bench``): held-out speaker (GRID s4 adapt split)
+#: mouth-opening r SPEEDS_R, two seeds each (docs/lipsync_recipe.md)
+LIPSYNC_SPEEDS = (0.8, 0.9, 1.1, 1.2)
 NO_LABEL = -1  # viseme label of frames without one (ignored by the loss and the accuracy)
 
 
