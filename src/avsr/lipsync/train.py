@@ -55,7 +55,8 @@ MOUTH_OPENING_ARGS = dict(curves=[MOUTH_OPENING], core="bigru", channels=64, hid
                           stride=4)
 #: Speeds of the training clips' extra copies (``load_lipsync_data(speed_perturb=)``) in the lip-sync
 #: recipe (``train_lipsync.py``, ``make lipsync-bench``): held-out speaker (GRID s4 adapt split)
-#: mouth-opening r SPEEDS_R, two seeds each (docs/lipsync_recipe.md)
+#: mouth-opening r 0.620 -> 0.658 (bigru), 0.503 -> 0.546 (attention), 0.506 -> 0.596 (causal_gru), means of
+#: two seeds (docs/lipsync_recipe.md); the audio -> mouth-opening model of ``make demo`` trains without them
 LIPSYNC_SPEEDS = (0.8, 0.9, 1.1, 1.2)
 NO_LABEL = -1  # viseme label of frames without one (ignored by the loss and the accuracy)
 
