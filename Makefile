@@ -12,7 +12,7 @@ export AVSR_THREADS ?= 2
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: install test demo parity adapt aligner lipsync-bench bench clean
+.PHONY: install tts-engine test demo parity adapt aligner lipsync-bench tts-study bench clean
 
 install: $(STAMP)
 
@@ -23,7 +23,17 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+# eSpeak NG, the offline TTS of the lip-sync TTS augmentation (src/avsr/lipsync/tts.py): installed
+# with apt-get when this runs as root on Debian/Ubuntu; otherwise the message says what to install
+# (the tests that need it skip, naming it)
+tts-engine:
+	@command -v espeak-ng >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q espeak-ng >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	      apt-get install -y -q espeak-ng >/dev/null 2>&1; }; fi; \
+	  command -v espeak-ng >/dev/null || echo "espeak-ng not found: install it (apt-get install espeak-ng, dnf install espeak-ng, brew install espeak-ng)" >&2; }
+
+test: $(STAMP) tts-engine
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
@@ -48,6 +58,10 @@ lipsync-bench: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation -c requirements.txt -e ".[lipsync-bench]"
 	$(PY) benchmarks/bench_lipsync.py --out benchmarks \
 		$(if $(wildcard runs/grid/exp/video/average.pt),--video-frontend runs/grid/exp/video/average.pt,)
+
+# few-shot lip sync with and without TTS augmentation (see benchmarks/bench_tts_augmentation.py)
+tts-study: $(STAMP) tts-engine
+	$(PY) benchmarks/bench_tts_augmentation.py --out benchmarks
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out benchmarks

@@ -56,6 +56,28 @@ def _all(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     return {"pearson": pearson_r(pred, target), "mae": mae(pred, target), "r2": r2_score(pred, target)}
 
 
+def dtw_warp(values: np.ndarray, query_feats: np.ndarray, ref_feats: np.ndarray) -> np.ndarray:
+    """Per-frame ``values`` ``(Tq, ...)`` of a query sequence, carried onto the frames of a reference
+    through the DTW path between their features (``query_feats`` ``(Tq, D)``, ``ref_feats``
+    ``(Tr, D)``, Euclidean frame cost, tslearn's ``dtw_path``): frame ``j`` of the result is the
+    mean of the values of the query frames the path matches to reference frame ``j``. Used to score
+    a curve predicted from a TTS rendition against the recorded track of the same sentence.
+
+    Returns ``(Tr, ...)``. Raises ``ValueError`` when the lengths or feature sizes do not fit.
+    """
+    from tslearn.metrics import dtw_path
+
+    values, query_feats, ref_feats = np.asarray(values), np.asarray(query_feats), np.asarray(ref_feats)
+    if len(values) != len(query_feats) or not len(ref_feats) or query_feats.shape[1:] != ref_feats.shape[1:]:
+        raise ValueError(f"{len(values)} values for {len(query_feats)} query frames of {query_feats.shape[1:]} "
+                         f"features against {len(ref_feats)} reference frames of {ref_feats.shape[1:]}")
+    path, _ = dtw_path(query_feats.astype(np.float64), ref_feats.astype(np.float64))
+    q, r = np.array(path).T
+    total = np.zeros((len(ref_feats),) + values.shape[1:])
+    np.add.at(total, r, values[q])
+    return total / np.bincount(r, minlength=len(ref_feats)).reshape((-1,) + (1,) * (values.ndim - 1))
+
+
 def curve_metrics(preds: Sequence[np.ndarray], targets: Sequence[np.ndarray],
                   utt_ids: Optional[Sequence[str]] = None) -> dict:
     """Pearson r, MAE and R² of predicted vs target curves, pooled and per utterance.

@@ -5,6 +5,10 @@ blendshapes of :mod:`avsr.lipsync.targets`), optional R-Drop (two dropout passes
 consistency term, Liang et al. 2021) and optional mean-teacher consistency on unlabelled audio (EMA
 teacher, sigmoid ramp-up; Tarvainen & Valpola 2017), plus cross-entropy on per-frame visemes when
 the clips have them (forced-alignment labels, :func:`avsr.lipsync.aligner.clip_visemes`).
+Optional TTS augmentation (after Chen et al., ICASSP 2023): TTS renditions of the training
+sentences (:mod:`avsr.lipsync.tts`) paired with the speaker's recorded tracks of the same sentences
+(:func:`load_tts_pairs`); their timing differs from the recording, so their loss is the soft-DTW
+divergence (Cuturi & Blondel 2017; Blondel et al. 2021) instead of the frame-wise Huber.
 
 Targets come at 25 fps (one per video frame); the model predicts at 100 fps. Video frame ``t``
 spans mel frames ``4t .. 4t + 3``: for the loss, a curve is linearly interpolated to the mel
@@ -39,6 +43,7 @@ from avsr.data.transforms import speed_perturb as speed_perturb_clip
 from avsr.evaluation.aux_metrics import curve_metrics
 from avsr.lipsync.model import LipSyncModel, save_lipsync_model, to_video_rate
 from avsr.lipsync.targets import BLENDSHAPES, corpus_blendshapes
+from avsr.lipsync.tts import Rendition
 from avsr.lipsync.video import MouthFeatures
 from avsr.models.heads import masked_mean
 from avsr.models.masking import lengths_to_mask
@@ -215,12 +220,73 @@ def load_lipsync_data(root: str | Path, split: str, curves: Sequence[str] = (MOU
             data.visemes.append(torch.from_numpy(labels[idx]))
     if not data.utt_ids:
         raise ValueError(f"no readable clips in {Path(root) / (split + '.tsv')}")
-    for start in range(0, len(waves), 32):  # batched: much faster than clip by clip
+    data.mels = _log_mels(waves)
+    return data
+
+
+def load_tts_pairs(renditions: Sequence[Rendition], real: LipSyncData) -> LipSyncData:
+    """TTS renditions (:func:`avsr.lipsync.tts.synthesize_corpus`) paired with the real clips of
+    the same utterance: log-mel of the rendition ``(F, 80)`` and the real clip's curves ``(T, K)``,
+    mask and viseme labels, **not aligned in time** (``F != 4 T`` in general; train them with the
+    soft-DTW loss, :func:`train_lipsync_model` ``tts=``). The id of a pair is
+    ``<utt_id>_tts<k>``; renditions of utterances that ``real`` lacks are skipped, an unreadable
+    file is logged and skipped.
+
+    Raises:
+        ValueError: when no rendition pairs with a clip of ``real``.
+    """
+    index = {u: i for i, u in enumerate(real.utt_ids)}
+    pairs = LipSyncData(real.curve_names, real.viseme_names)
+    waves = []
+    for r in renditions:
+        if r.utt_id not in index:
+            continue
+        try:
+            wave, sr = sf.read(str(r.path), dtype="float32", always_2d=False)
+            if sr != SAMPLE_RATE or wave.ndim != 1 or len(wave) < SAMPLES_PER_FRAME:
+                raise ValueError(f"expected 16 kHz mono of at least one frame, got {sr} Hz, shape {wave.shape}")
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.warning("skipping %s: %s", r.path, exc)
+            continue
+        i = index[r.utt_id]
+        waves.append(torch.from_numpy(wave))
+        pairs.utt_ids.append(f"{r.utt_id}_tts{r.k}")
+        pairs.curves.append(real.curves[i])
+        pairs.masks.append(real.masks[i])
+        pairs.visemes.append(real.visemes[i])
+    if not waves:
+        raise ValueError("no TTS rendition pairs with a clip of the real data")
+    pairs.mels = _log_mels(waves)
+    return pairs
+
+
+def _log_mels(waves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Log-mel ``(F, 80)`` of each ``(S,)`` waveform, computed in padded batches (much faster than one by one)."""
+    mels = []
+    for start in range(0, len(waves), 32):
         chunk = waves[start:start + 32]
         lengths = torch.tensor([len(w) for w in chunk])
         mel, mel_lengths = log_mel(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), lengths)
-        data.mels += [m[:n] for m, n in zip(mel, mel_lengths.tolist())]
-    return data
+        mels += [m[:n] for m, n in zip(mel, mel_lengths.tolist())]
+    return mels
+
+
+def soft_dtw_divergence(pred: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Soft-DTW divergence ``sdtw(x, y) - (sdtw(x, x) + sdtw(y, y)) / 2`` (squared Euclidean frame
+    cost; tslearn's ``SoftDTWLossPyTorch(normalize=True)``), divided by ``len(target)``: 0 for
+    identical sequences, growing as they differ in shape or timing, differentiable in ``pred``.
+    ``pred`` ``(T1, K)``, ``target`` ``(T2, K)``; ``gamma`` > 0 is the soft-min temperature (-> 0: DTW).
+
+    Raises:
+        ValueError: on ``gamma <= 0``, an empty sequence or a different number of channels.
+    """
+    from tslearn.metrics import SoftDTWLossPyTorch  # numba compiles it on first use (~10 s)
+
+    if gamma <= 0 or not len(pred) or not len(target) or pred.shape[1:] != target.shape[1:]:
+        raise ValueError(f"need gamma > 0 and non-empty sequences of the same channels, got gamma {gamma}, "
+                         f"shapes {tuple(pred.shape)} and {tuple(target.shape)}")
+    loss = SoftDTWLossPyTorch(gamma=gamma, normalize=True)(pred[None].float(), target[None].float())
+    return loss[0] / len(target)
 
 
 @dataclass
@@ -242,16 +308,22 @@ class LipSyncTrainConfig:
     mean_teacher_weight: float = 0.0  # mean-teacher consistency weight (needs unlabelled data)
     ema_decay: float = 0.99
     rampup_steps: int = 500  # sigmoid ramp-up of the mean-teacher weight
+    sdtw_weight: float = 1.0  # weight of the soft-DTW loss on the TTS pairs (when given)
+    sdtw_gamma: float = 0.1  # soft-DTW temperature, on curves in target standard deviations
+    tts_batch_size: int = 8  # TTS pairs per step, beside batch_size real clips
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
         if self.lr <= 0 or min(self.weight_decay, self.gain_db, self.rdrop_weight, self.mean_teacher_weight,
-                               self.viseme_weight) < 0:
+                               self.viseme_weight, self.sdtw_weight) < 0:
             raise ValueError("lr must be positive; weight_decay, gain_db and loss weights non-negative")
         if not 0.0 <= self.freq_warp < 0.5:
             raise ValueError(f"freq_warp must be in [0, 0.5), got {self.freq_warp}")
+        if self.sdtw_gamma <= 0 or self.tts_batch_size < 1:
+            raise ValueError(f"sdtw_gamma must be positive and tts_batch_size >= 1, got {self.sdtw_gamma} and "
+                             f"{self.tts_batch_size}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
@@ -329,21 +401,40 @@ def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float
         t.copy_(s)
 
 
+def _tts_loss(model: LipSyncModel, tts: LipSyncData, index: list[int], scale: torch.Tensor,
+              cfg: LipSyncTrainConfig) -> torch.Tensor:
+    """Mean soft-DTW divergence between the 25 fps predicted curves of TTS renditions and the real
+    tracks they are paired with (face-detected frames), in target standard deviations."""
+    batch = tts.batch(index)
+    out = model(_augment(batch["mel"], cfg.gain_db, cfg.freq_warp), batch["mel_lengths"], None)
+    losses = []
+    for row, i in enumerate(index):
+        pred = to_video_rate(out["curves"][row, : int(out["lengths"][row])])
+        target = tts.curves[i][tts.masks[i]]
+        if len(pred) and len(target):
+            losses.append(soft_dtw_divergence(pred / scale, target / scale, cfg.sdtw_gamma))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
 def train_lipsync_model(train: LipSyncData, model_args: dict, cfg: LipSyncTrainConfig,
                         unlabelled: Optional[LipSyncData] = None,
-                        init: Optional[LipSyncModel] = None) -> tuple[LipSyncModel, dict]:
+                        init: Optional[LipSyncModel] = None,
+                        tts: Optional[LipSyncData] = None) -> tuple[LipSyncModel, dict]:
     """Train a ``LipSyncModel(**model_args)`` on ``train``.
 
     Input and target normalisation come from ``train``. With ``cfg.mean_teacher_weight > 0`` the
     EMA teacher is returned (it is the better model); ``unlabelled`` audio (default: the training
     audio) feeds its consistency term. ``init`` (a model of the same ``model_args``) fine-tunes:
     training starts from its weights, with the normalisation of ``train`` (a new speaker).
+    ``tts``: TTS pairs (:func:`load_tts_pairs`, audio-only models): each step adds
+    ``cfg.sdtw_weight`` times the soft-DTW divergence of ``cfg.tts_batch_size`` of them.
 
     Returns:
         ``(model in eval mode, history)`` with ``history = {"loss": [...], "step_time_median_s": ...}``.
 
     Raises:
-        ValueError: when ``train`` is empty, or its curves or viseme classes are not the model's.
+        ValueError: when ``train`` is empty, its curves or viseme classes are not the model's, or
+            ``tts`` is given to a model with video input or without curves.
     """
     if not len(train):
         raise ValueError("no training utterances")
@@ -355,6 +446,8 @@ def train_lipsync_model(train: LipSyncData, model_args: dict, cfg: LipSyncTrainC
     if bool(model.video_dim) != bool(train.videos):
         raise ValueError("the model takes video features and the data have none" if model.video_dim else
                          "the data have video features and the model is audio-only")
+    if tts is not None and len(tts) and (model.video_dim or not model.curves or tts.curve_names != model.curves):
+        raise ValueError("TTS pairs need an audio-only model with the data's curves")
     if init is not None:
         model.load_state_dict(init.state_dict())
     model.set_stats(*_stats(train))
@@ -378,6 +471,9 @@ def train_lipsync_model(train: LipSyncData, model_args: dict, cfg: LipSyncTrainC
         if cfg.rdrop_weight > 0:
             out2 = model(mel, batch["mel_lengths"], batch["video"])
             loss = 0.5 * (loss + _supervised(out2, batch, scale, cfg)) + cfg.rdrop_weight * _consistency(out, out2, scale)
+        if tts is not None and len(tts) and cfg.sdtw_weight > 0:
+            pick = torch.randint(len(tts), (cfg.tts_batch_size,), generator=gen).tolist()
+            loss = loss + cfg.sdtw_weight * _tts_loss(model, tts, pick, scale, cfg)
         if teacher is not None:
             u = unlabelled.batch(torch.randint(len(unlabelled), (cfg.batch_size,), generator=gen).tolist())
             student = model(_augment(u["mel"], cfg.gain_db, cfg.freq_warp), u["mel_lengths"], u["video"])
