@@ -185,6 +185,7 @@ def plot(report: dict, path: Path) -> Path:
         for cond, style in zip(CONDITIONS, ("o-", "s--")):
             ax.plot(report["real_clips"], report["r"][cond][test], style, label=cond.replace("_", " "))
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(report["real_clips"], [str(n) for n in report["real_clips"]])
         ax.set_title(test.replace("_", " "))
         ax.set_xlabel("real s1 training clips")

@@ -14,6 +14,7 @@ Example::
     .venv/bin/python scripts/train_lipsync.py --root data/grid --out runs/mouth --eval-split test --rdrop 1.0
     .venv/bin/python scripts/train_lipsync.py --root data/grid --out runs/lipsync --curves all \\
         --core causal_gru --lookahead 1 --aligner runs/aligner/aligner.pt --viseme-set rhubarb
+    .venv/bin/python scripts/train_lipsync.py --root data/grid --out runs/lipsync_tts --curves all --tts-renditions 4
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from pathlib import Path
 
 from avsr.evaluation.curves import plot_curves, write_curve
 from avsr.lipsync.model import CORES
-from avsr.lipsync.train import (CURVES, LIPSYNC_SPEEDS, MOUTH_OPENING, LipSyncTrainConfig, evaluate_lipsync_model,
-                                load_lipsync_data, predict, save_lipsync_checkpoint, train_lipsync_model)
+from avsr.data.manifest import read_manifest
+from avsr.lipsync.train import (CURVES, LIPSYNC_SPEEDS, MOUTH_OPENING, LipSyncData, LipSyncTrainConfig,
+                                evaluate_lipsync_model, load_lipsync_data, load_tts_pairs, predict,
+                                save_lipsync_checkpoint, train_lipsync_model)
+from avsr.lipsync.tts import TTSEngineMissing, synthesize_corpus
 from avsr.lipsync.video import MouthFeatures
 from avsr.utils import atomic_write_text, set_num_threads, setup_logging
 
@@ -74,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mean-teacher consistency weight (0 = off)")
     t.add_argument("--ema-decay", type=float, default=d.ema_decay)
     t.add_argument("--rampup-steps", type=int, default=d.rampup_steps)
+    t.add_argument("--tts-renditions", type=int, default=0,
+                   help="also train on this many eSpeak NG renditions of each training transcript, paired "
+                        "with the clip's tracks under a soft-DTW loss (after Chen et al. 2023; 0 = off)")
+    t.add_argument("--tts-dir", default=None, help="TTS cache (default: <out>/tts; reused and resumed)")
+    t.add_argument("--sdtw-weight", type=float, default=d.sdtw_weight)
+    t.add_argument("--sdtw-gamma", type=float, default=d.sdtw_gamma)
     t.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--export", type=int, default=0, help="export this many evaluation curves (CSV, JSON, PNG)")
     p.add_argument("--export-fps", type=float, default=None, help="frame rate of exported CSV/JSON (default 25)")
@@ -95,6 +105,14 @@ def _viseme_labels(args: argparse.Namespace, splits: list[str]) -> tuple[dict, t
     return labels, names
 
 
+def _tts_pairs(args: argparse.Namespace, train: LipSyncData, out: Path) -> LipSyncData:
+    """``--tts-renditions`` renditions of the training transcripts (training voices, seeded), paired
+    with the recorded clips (their original speed)."""
+    texts = {r.utt_id: r.transcript for r in read_manifest(args.root, args.train_split)}
+    renditions = synthesize_corpus(texts, args.tts_dir or out / "tts", args.tts_renditions, seed=args.seed)
+    return load_tts_pairs(renditions, train.subset([u in texts for u in train.utt_ids]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -111,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                                  freq_warp=args.freq_warp,
                                  viseme_weight=args.viseme_weight, rdrop_weight=args.rdrop,
                                  mean_teacher_weight=args.mean_teacher, ema_decay=args.ema_decay,
-                                 rampup_steps=args.rampup_steps, seed=args.seed)
+                                 rampup_steps=args.rampup_steps, sdtw_weight=args.sdtw_weight,
+                                 sdtw_gamma=args.sdtw_gamma, seed=args.seed)
         video = MouthFeatures.from_avsr_checkpoint(args.video_frontend) if args.video_frontend else None
         model_args["video_dim"] = video.dim if video else 0
         load = dict(curves=curves, visemes=labels, viseme_names=viseme_names, video_features=video)
@@ -120,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                                         video_features=video)
                       if args.unlabelled_split else None)
         evals = {s: load_lipsync_data(args.root, s, **load) for s in eval_splits}
-        log.info("training on %d clips of '%s'", len(train), args.train_split)
-        model, history = train_lipsync_model(train, model_args, cfg, unlabelled)
-    except (ValueError, KeyError) as exc:
+        tts = _tts_pairs(args, train, out) if args.tts_renditions else None
+        log.info("training on %d clips of '%s'%s", len(train), args.train_split,
+                 f" and {len(tts)} TTS renditions" if tts else "")
+        model, history = train_lipsync_model(train, model_args, cfg, unlabelled, tts=tts)
+    except (ValueError, KeyError, TTSEngineMissing) as exc:
         log.error("%s", exc)
         return 2
     report = {"model_args": model_args, "steps": cfg.steps, "step_time_median_s": history["step_time_median_s"],

@@ -135,3 +135,23 @@ def test_tts_pairs_train_with_soft_dtw_and_keep_the_real_tracks(grid_prepared, t
     assert np.mean(hist["loss"][-10:]) < np.mean(hist["loss"][:10])
     with pytest.raises(ValueError, match="no TTS rendition pairs"):
         load_tts_pairs(renditions, LipSyncData(("mouth_opening",)))
+
+
+@needs_engine
+def test_train_script_adds_tts_renditions_and_reports_a_missing_engine(grid_prepared, tmp_path, monkeypatch) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "train_lipsync", Path(__file__).resolve().parents[1] / "scripts" / "train_lipsync.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--root", str(grid_prepared), "--out", str(tmp_path / "run"), "--steps", "4", "--batch-size", "2",
+            "--channels", "8", "--hidden", "8", "--core", "attention", "--curves", "mouth_opening",
+            "--speed-perturb", "--tts-renditions", "1"]
+    with one_thread():
+        assert script.main(args) == 0
+    n_train = len((grid_prepared / "train.tsv").read_text().strip().splitlines()) - 1
+    assert len(list((tmp_path / "run" / "tts").glob("*.wav"))) == n_train
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert script.main(args[:-1] + ["1", "--tts-dir", str(tmp_path / "other")]) == 2
