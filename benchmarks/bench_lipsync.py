@@ -103,6 +103,16 @@ def prepare(work: Path, data_dir: Path) -> dict[str, tuple[Path, str, dict[str, 
             "s4_test": (work / "s4", "test", {}), "unseen": (work / "unseen", "unseen", speakers)}
 
 
+def start(args: argparse.Namespace) -> tuple[BenchRun, Path, dict[str, tuple[Path, str, dict[str, str]]]]:
+    """Logging, threads, the quiet-machine wait and the prepared sets (:func:`prepare`) of a
+    lip-sync study with ``--work`` and ``--data`` arguments: ``(run, work, sets)``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_num_threads()
+    work = Path(args.work)
+    run = BenchRun.start()
+    return run, work, prepare(work, Path(args.data) if args.data else real_data_dir())
+
+
 def _standardise_per_speaker(values: list[np.ndarray], speakers: list[str]) -> np.ndarray:
     out = []
     for spk in sorted(set(speakers)):
@@ -288,11 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preview-png", default=str(REPO / "docs" / "lipsync_preview_strip.png"),
                         help="preview strip of the causal model on the first s1 test clip ('' skips it)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    set_num_threads()
-    work = Path(args.work)
-    run = BenchRun.start()
-    sets = prepare(work, Path(args.data) if args.data else real_data_dir())
+    run, work, sets = start(args)
     aligner_path = work / f"aligner_{args.aligner_steps}.pt"
     if not aligner_path.is_file():
         save_aligner(train_phone_ctc(load_aligner_data(*sets["train"][:2]), steps=args.aligner_steps), aligner_path)

@@ -52,9 +52,7 @@ from avsr.lipsync.model import load_lipsync_model, to_video_rate  # noqa: E402
 from avsr.lipsync.train import (CURVES, LIPSYNC_SPEEDS, MOUTH_OPENING, LipSyncTrainConfig, load_lipsync_data,  # noqa: E402
                                 load_tts_pairs, predict, save_lipsync_checkpoint, train_lipsync_model)
 from avsr.lipsync.tts import ENGINE, HELDOUT_VOICES, RATE_WPM, PITCH, TRAIN_VOICES, synthesize_corpus  # noqa: E402
-from avsr.utils import real_data_dir, set_num_threads  # noqa: E402
-from bench_lipsync import CORES, MODEL_ARGS, _r, prepare  # noqa: E402
-from quiet import BenchRun  # noqa: E402
+from bench_lipsync import CORES, MODEL_ARGS, _r, start  # noqa: E402
 
 log = logging.getLogger("bench_tts_augmentation")
 
@@ -101,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1500, help="training steps of every model")
     parser.add_argument("--seed", type=int, default=0, help="clip subsets, TTS settings and training")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    set_num_threads()
-    work = Path(args.work)
-    run = BenchRun.start()
-    sets = prepare(work, Path(args.data) if args.data else real_data_dir())
+    run, work, sets = start(args)
     load = dict(curves=list(CURVES))
     data = {name: load_lipsync_data(root, split, speaker_of=lambda u, s=spk: s.get(u, ""),
                                     speed_perturb=LIPSYNC_SPEEDS if name == "train" else (), **load)
