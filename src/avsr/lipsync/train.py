@@ -406,8 +406,10 @@ def _tts_loss(model: LipSyncModel, tts: LipSyncData, index: list[int], scale: to
               cfg: LipSyncTrainConfig) -> torch.Tensor:
     """Mean soft-DTW divergence between the 25 fps predicted curves of TTS renditions and the real
     tracks they are paired with (face-detected frames), in target standard deviations."""
-    batch = tts.batch(index)
-    out = model(_augment(batch["mel"], cfg.gain_db, cfg.freq_warp), batch["mel_lengths"], None)
+    mels = [tts.mels[i] for i in index]  # not tts.batch(): its 100 fps targets assume aligned pairs
+    lengths = torch.tensor([len(m) for m in mels], dtype=torch.long)
+    mel = torch.nn.utils.rnn.pad_sequence(mels, batch_first=True)
+    out = model(_augment(mel, cfg.gain_db, cfg.freq_warp), lengths, None)
     losses = []
     for row, i in enumerate(index):
         pred = to_video_rate(out["curves"][row, : int(out["lengths"][row])])
@@ -447,8 +449,11 @@ def train_lipsync_model(train: LipSyncData, model_args: dict, cfg: LipSyncTrainC
     if bool(model.video_dim) != bool(train.videos):
         raise ValueError("the model takes video features and the data have none" if model.video_dim else
                          "the data have video features and the model is audio-only")
-    if tts is not None and len(tts) and (model.video_dim or not model.curves or tts.curve_names != model.curves):
+    tts = tts if tts is not None and len(tts) else None
+    if tts is not None and (model.video_dim or not model.curves or tts.curve_names != model.curves):
         raise ValueError("TTS pairs need an audio-only model with the data's curves")
+    if cfg.sdtw_weight == 0:
+        tts = None
     if init is not None:
         model.load_state_dict(init.state_dict())
     model.set_stats(*_stats(train))
@@ -472,7 +477,7 @@ def train_lipsync_model(train: LipSyncData, model_args: dict, cfg: LipSyncTrainC
         if cfg.rdrop_weight > 0:
             out2 = model(mel, batch["mel_lengths"], batch["video"])
             loss = 0.5 * (loss + _supervised(out2, batch, scale, cfg)) + cfg.rdrop_weight * _consistency(out, out2, scale)
-        if tts is not None and len(tts) and cfg.sdtw_weight > 0:
+        if tts is not None:
             pick = torch.randint(len(tts), (cfg.tts_batch_size,), generator=gen).tolist()
             loss = loss + cfg.sdtw_weight * _tts_loss(model, tts, pick, scale, cfg)
         if teacher is not None:
