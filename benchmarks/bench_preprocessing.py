@@ -7,6 +7,12 @@ resampling, and writing the .mp4 (H.264), .wav, .txt and .npz atomically, on rea
 
     detection     mediapipe face mesh on every frame (:class:`avsr.data.landmarks.FaceMeshTracker`)
     precomputed   68-point landmarks read from .npz files (made beforehand, not timed)
+    tracked       face mesh on every ``--detect-every``-th frame and Lucas-Kanade tracking between
+                  (``preprocess.detect_every``, :func:`avsr.data.landmarks.track_points`), with its mean
+                  crop-centre error against every-frame detection in pixels of the 96x96 crop, on the
+                  GRID clips and on LRS2-style copies of them (160x160 face crops, H.264 + AAC, made
+                  here); with ``--video-model``, that lip reader's beam WER on the 50 s1
+                  test clips cropped both ways from both kinds of video
 
 Reported per mode and repeat: wall frames/s, CPU frames/s (frames over the process's CPU time,
 all threads; on a shared machine this is the steadier number) and wall ms per frame per stage;
@@ -23,12 +29,16 @@ auto_avsr mediapipe preparation, 190 frames/s) and >= 1000 frames/s from precomp
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
+from dataclasses import replace
 import time
 from pathlib import Path
 
@@ -37,14 +47,21 @@ import numpy as np
 from avsr.config import PreprocessConfig
 from avsr.data.corpora import discover
 from avsr.data.landmarks import FaceMeshTracker, save_landmarks
-from avsr.data.media import iter_video
-from avsr.data.preprocess import preprocess
+from avsr.data.media import iter_video, read_audio
+from avsr.data.preprocess import extract_mouth_roi, preprocess
 from avsr.utils import real_data_dir
 from quiet import BenchRun
 
-TARGETS = {"detection": 285.0, "precomputed": 1000.0}
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the H.264/AAC writer the tests make their clips with
+from media_utils import write_av  # noqa: E402
+
+TARGETS = {"detection": 285.0, "precomputed": 1000.0, "tracked": 400.0}
+TRACKED_TARGET_ERROR_PX = 1.0
+LRS2_SIZE = 160
 REFERENCES = {"detection": "auto_avsr mediapipe preparation: 190 frames/s",
-              "precomputed": "AV-RelScore preprocessing: 638 frames/s"}
+              "precomputed": "AV-RelScore preprocessing: 638 frames/s",
+              "tracked": "every-frame detection of this run"}
 
 
 def _landmarks(utts, out_dir: Path) -> float:
@@ -73,8 +90,7 @@ def _landmarks(utts, out_dir: Path) -> float:
     return 1000.0 * (with_mesh - decode) / frames
 
 
-def _run(utts, work: Path, repeats: int) -> dict:
-    cfg = PreprocessConfig()
+def _run(utts, work: Path, repeats: int, cfg: PreprocessConfig = PreprocessConfig()) -> dict:
     preprocess(utts[:1], work / "warmup", cfg, workers=1, progress=False)  # lazy imports, model loading
     runs = []
     for r in range(repeats):
@@ -95,12 +111,66 @@ def _run(utts, work: Path, repeats: int) -> dict:
     }
 
 
+def lrs2_style(utt, dst: Path):
+    """An LRS2-like copy of a GRID clip: a fixed square face crop (1.6x the landmarks' extent on the
+    first frame with a face) scaled to 160x160, 25 fps H.264 with 16 kHz AAC audio (PyAV)."""
+    import cv2
+
+    frames = [f.rgb for f in iter_video(utt.media, 25.0, rgb=True)]
+    with FaceMeshTracker() as tracker:
+        pts = next(p for p in map(tracker, frames) if p is not None)
+    (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
+    half = 0.8 * max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    pad = int(half) + 1
+    big = [cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE) for rgb in frames]
+    top, left, side = int(round(cy - half)) + pad, int(round(cx - half)) + pad, int(2 * half)
+    faces = np.stack([cv2.resize(b[top: top + side, left: left + side], (LRS2_SIZE, LRS2_SIZE),
+                                 interpolation=cv2.INTER_AREA) for b in big])
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_av(dst, faces, read_audio(utt.media), 25)
+    return replace(utt, media=dst)
+
+
+def centre_error_px(utts, k: int) -> float:
+    """Mean distance (96x96-crop pixels) from the crop centre of every-frame detection to where
+    the tracked crop's centre falls in that crop, over all frames of ``utts``."""
+    errors = []
+    with FaceMeshTracker() as tracker:
+        for u in utts:
+            ref = extract_mouth_roi(u, PreprocessConfig(), tracker).transforms
+            trk = extract_mouth_roi(u, PreprocessConfig(detect_every=k), tracker).transforms
+            c = np.array([48.0, 48.0])
+            for a_ref, a_trk in zip(ref, trk):
+                src = np.linalg.solve(a_trk[:, :2], c - a_trk[:, 2])  # tracked centre in source pixels
+                errors.append(np.linalg.norm(a_ref[:, :2] @ src + a_ref[:, 2] - c))
+    return float(np.mean(errors))
+
+
+def crop_wer(utts, work: Path, k: int, checkpoint: Path) -> float:
+    """Beam WER (%) of ``checkpoint`` (a video model) on ``utts`` preprocessed with ``detect_every=k``."""
+    data = work / f"k{k}"
+    s = preprocess(utts, data, PreprocessConfig(detect_every=k), workers=2, progress=False)
+    if s.failed:
+        raise RuntimeError(f"preprocessing failed for {s.failed} clips: {s.failures}")
+    out = work / f"k{k}_test"
+    subprocess.run([sys.executable, str(REPO / "test.py"), "--checkpoint", str(checkpoint), "--data", str(data),
+                    "--split", utts[0].split, "--protocol", str(REPO / "configs" / "protocol" / "grid_s1_test.json"),
+                    "--conditions", "clean", "--out", str(out)], check=True, cwd=REPO)
+    system, = json.loads((out / "results.json").read_text())["systems"].values()
+    return round(100.0 * system["conditions"]["clean"]["wer"], 2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks", help="folder for preprocessing.json")
     p.add_argument("--grid-dir", default=str(real_data_dir() / "grid_s1_tvr28"))
     p.add_argument("--clips", type=int, default=20, help="GRID s1 train clips per run")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--detect-every", type=int, default=4, help="tracked mode: face mesh on every k-th frame")
+    p.add_argument("--error-clips", type=int, default=10, help="clips per corpus for the crop-centre error")
+    p.add_argument("--video-model", default=str(REPO / "runs" / "grid" / "exp" / "video" / "average.pt"), help="a trained video checkpoint (make demo's runs/grid/exp/video/average.pt): "
+                                         "its WER on the s1 test clips cropped with and without tracking")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import cv2
@@ -115,8 +185,25 @@ def main() -> None:
         mesh_ms = _landmarks(clips, tmp / "landmarks")
         with_lm = [u for u in discover("grid", grid, landmarks_dir=tmp / "landmarks") if u.split == "train"]
         with_lm = with_lm[: args.clips]
+        k = args.detect_every
         results = {"detection": _run(clips, tmp / "det", args.repeats),
-                   "precomputed": _run(with_lm, tmp / "pre", args.repeats)}
+                   "precomputed": _run(with_lm, tmp / "pre", args.repeats),
+                   "tracked": _run(clips, tmp / "trk", args.repeats, PreprocessConfig(detect_every=k))}
+        some = clips[: args.error_clips]
+        lrs2 = [lrs2_style(u, tmp / "lrs2" / f"{u.utt_id}.mp4") for u in some]
+        results["tracked"]["k"] = k
+        results["tracked"]["centre_error_px_mean"] = {"grid": round(centre_error_px(some, k), 3),
+                                                      "lrs2_style": round(centre_error_px(lrs2, k), 3)}
+        results["tracked"]["target_centre_error_px"] = TRACKED_TARGET_ERROR_PX
+        if not Path(args.video_model).is_file():
+            results["tracked"]["video_model_wer"] = f"not measured: no video model at {args.video_model} (make demo)"
+        else:
+            test = [u for u in discover("grid", grid) if u.split == "test"]
+            test_lrs2 = [lrs2_style(u, tmp / "lrs2_test" / f"{u.utt_id}.mp4") for u in test]
+            results["tracked"]["video_model_wer"] = {
+                "checkpoint": args.video_model, "clips": len(test), "decoding": "the checkpoint's (beam)",
+                **{f"{name}_k{kk}": crop_wer(us, tmp / f"wer_{name}", kk, Path(args.video_model))
+                   for name, us in (("grid", test), ("lrs2_style", test_lrs2)) for kk in (1, k)}}
     for mode, res in results.items():
         res["target_fps"] = TARGETS[mode]
         res["reference"] = REFERENCES[mode]
@@ -136,8 +223,11 @@ def main() -> None:
         "note": "one worker process; wall rates drop when other jobs share the CPU (see run), "
                 "cpu_fps = frames / CPU seconds of the process (all its threads)",
     }
+    trk = report["tracked"]
+    trk["meets_target"] = (trk["median_wall_fps"] >= TARGETS["tracked"]
+                           and max(trk["centre_error_px_mean"].values()) <= TRACKED_TARGET_ERROR_PX)
     run.write(Path(args.out) / "preprocessing.json", report, threads=1)
-    for mode in ("detection", "precomputed"):
+    for mode in ("detection", "precomputed", "tracked"):
         r = report[mode]
         print(f"{mode:12s} wall {r['median_wall_fps']:7.1f} fps, CPU {r['median_cpu_fps']:7.1f} fps "
               f"(target {r['target_fps']:.0f}); stages ms/frame {r['stage_ms_per_frame_best_run']}")

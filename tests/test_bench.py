@@ -1,11 +1,14 @@
 """Benchmark hygiene (benchmarks/quiet.py): a run waits for a quiet machine, and one that never
-gets it is written as invalid, not as a result."""
+gets it is written as invalid, not as a result. The GPU check stands aside on a CPU machine."""
 
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from quiet import BenchRun  # noqa: E402
 
@@ -43,3 +46,18 @@ def test_cpu_time_counts_the_work_done_between_start_and_write(tmp_path):
         x += i
     r = run.record(threads=1)
     assert r["cpu_s"] > 0.05 and r["wall_s"] >= r["cpu_s"] * 0.5
+
+
+def test_gpu_check_without_cuda_says_so_and_writes_nothing(tmp_path):
+    """scripts/gpu_check.sh on a machine without CUDA exits 0, says why, and writes no JSON."""
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run for real (minutes)")
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device" in proc.stdout and not out.exists()

@@ -40,6 +40,7 @@ class PreprocessConfig:
     smooth_window: int = 5  # temporal smoothing of landmarks, frames (odd; 1 disables)
     workers: int = 1  # parallel clip workers
     video_crf: int = 18  # H.264 quality of the written crops (0 = lossless)
+    detect_every: int = 1  # face mesh on every k-th frame, optical-flow tracking in between (1 = every frame)
 
 
 @dataclass

@@ -159,6 +159,45 @@ class FaceMeshTracker:
         self.close()
 
 
+#: Lucas-Kanade settings of :func:`track_points` (OpenCV ``calcOpticalFlowPyrLK``).
+LK_WINDOW = (11, 11)
+LK_LEVELS = 1
+
+
+def track_points(prev_gray: np.ndarray, gray: np.ndarray, points: np.ndarray,
+                 max_fb_error_px: float = 1.0, max_lost_frac: float = 0.1) -> np.ndarray | None:
+    """``points`` carried from one frame to the next by pyramidal Lucas-Kanade optical flow.
+
+    Args:
+        prev_gray, gray: ``(H, W)`` uint8 consecutive frames.
+        points: ``(N, 2)`` float32 pixel ``(x, y)`` in ``prev_gray``.
+        max_fb_error_px: a point whose forward-then-backward flow misses its start by more than this
+            is lost (the forward-backward check of Kalal et al. 2010, "Forward-Backward Error").
+        max_lost_frac: with more points lost than this share, the track has failed.
+
+    Returns the ``(N, 2)`` float32 positions in ``gray`` (lost points moved by the median flow of the
+    others), or ``None`` when the track failed and the caller should run the detector again.
+    Raises ``ValueError`` for frames of different shapes.
+    """
+    import cv2
+
+    if prev_gray.shape != gray.shape:
+        raise ValueError(f"frames differ in shape: {prev_gray.shape} vs {gray.shape}")
+    p0 = np.ascontiguousarray(points, np.float32).reshape(-1, 1, 2)
+    kw = dict(winSize=LK_WINDOW, maxLevel=LK_LEVELS)
+    p1, ok1, _ = cv2.calcOpticalFlowPyrLK(prev_gray, gray, p0, None, **kw)
+    back, ok2, _ = cv2.calcOpticalFlowPyrLK(gray, prev_gray, p1, None, **kw)
+    fb = np.linalg.norm((back - p0).reshape(-1, 2), axis=1)
+    good = (ok1.ravel() == 1) & (ok2.ravel() == 1) & (fb <= max_fb_error_px)
+    if good.mean() < 1.0 - max_lost_frac:
+        return None
+    p1 = p1.reshape(-1, 2)
+    p0 = p0.reshape(-1, 2)
+    if not good.all():
+        p1[~good] = p0[~good] + np.median(p1[good] - p0[good], axis=0)
+    return p1.astype(np.float32)
+
+
 def stack_frames(frames: list, path: str | Path = "<landmarks>") -> np.ndarray:
     """Per-frame ``(68, 2)`` arrays or ``None`` -> ``(T, 68, 2)`` float32 with NaN for ``None``.
 

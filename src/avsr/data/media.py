@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -34,17 +33,24 @@ class MediaError(ValueError):
     """A media file cannot be opened or decoded, or lacks the stream asked for."""
 
 
-@dataclass
 class Frame:
     """One output frame of :func:`iter_video`.
 
     ``index`` is the source frame number (repeated when upsampling, skipped when downsampling);
-    ``gray`` is (H, W) uint8; ``rgb`` is (H, W, 3) uint8, or ``None`` unless asked for.
+    ``gray`` is (H, W) uint8; ``rgb`` is (H, W, 3) uint8, converted on first access (a caller
+    that needs colour for only some frames pays only for those), or ``None`` unless asked for.
     """
 
-    index: int
-    gray: np.ndarray
-    rgb: np.ndarray | None
+    __slots__ = ("index", "gray", "_source", "_rgb")
+
+    def __init__(self, index: int, gray: np.ndarray, source: av.VideoFrame | None = None) -> None:
+        self.index, self.gray, self._source, self._rgb = index, gray, source, None
+
+    @property
+    def rgb(self) -> np.ndarray | None:
+        if self._rgb is None and self._source is not None:
+            self._rgb, self._source = _to_rgb(self._source), None
+        return self._rgb
 
 
 MAX_BAD_AUDIO_PACKETS = 0.05  # undecodable audio packets concealed with silence, as a fraction of all
@@ -78,16 +84,27 @@ def _frame_rate(stream: av.video.stream.VideoStream) -> float:
     return float(rate) if rate else 25.0
 
 
-def _convert(frame: av.VideoFrame, want_rgb: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """(gray, rgb or None) of a decoded frame; YUV 4:2:0 takes the fast path (no swscale)."""
-    if frame.format.name in _I420 and frame.width % 2 == 0 and frame.height % 2 == 0:
-        if not want_rgb:  # the Y plane alone, rows possibly padded to line_size
-            y = frame.planes[0]
-            return np.frombuffer(y, np.uint8).reshape(y.height, y.line_size)[:, : y.width].copy(), None
-        yuv = frame.to_ndarray()  # (3H/2, W): Y plane, then U and V
-        return yuv[: frame.height].copy(), cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420)
-    rgb = frame.to_ndarray(format="rgb24")
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (rgb if want_rgb else None)
+def _is_i420(frame: av.VideoFrame) -> bool:
+    return frame.format.name in _I420 and frame.width % 2 == 0 and frame.height % 2 == 0
+
+
+def _to_gray(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W) uint8 grey of a decoded frame; YUV 4:2:0 takes the Y plane (no swscale)."""
+    if _is_i420(frame):  # the Y plane alone, rows possibly padded to line_size
+        y = frame.planes[0]
+        return np.frombuffer(y, np.uint8).reshape(y.height, y.line_size)[:, : y.width].copy()
+    return cv2.cvtColor(frame.to_ndarray(format="rgb24"), cv2.COLOR_RGB2GRAY)
+
+
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded frame (OpenCV's I420 conversion for YUV 4:2:0)."""
+    if _is_i420(frame):
+        return cv2.cvtColor(frame.to_ndarray(), cv2.COLOR_YUV2RGB_I420)  # (3H/2, W): Y, then U and V
+    return frame.to_ndarray(format="rgb24")
+
+
+def _frame(index: int, frame: av.VideoFrame, rgb: bool) -> Frame:
+    return Frame(index, _to_gray(frame), frame if rgb else None)
 
 
 def iter_video(path: str | Path, fps: float | None = 25.0, rgb: bool = False,
@@ -118,12 +135,12 @@ def iter_video(path: str | Path, fps: float | None = 25.0, rgb: bool = False,
                 t0 = t if t0 is None else t0
                 t -= t0
                 if fps is None:
-                    yield Frame(i, *_convert(frame, rgb))
+                    yield _frame(i, frame, rgb)
                     continue
                 if prev is not None:
                     mid = 0.5 * (prev[1] + t)
                     while k / fps < mid - 1e-6:
-                        yield Frame(prev[0], *_convert(prev[2], rgb))
+                        yield _frame(prev[0], prev[2], rgb)
                         k += 1
                 prev = (i, t, frame)
         except av.error.FFmpegError as exc:
@@ -136,7 +153,7 @@ def iter_video(path: str | Path, fps: float | None = 25.0, rgb: bool = False,
         if prev is not None:
             n_total = int(round((prev[1] + 1.0 / src_fps) * fps))
             while k < max(n_total, 1):
-                yield Frame(prev[0], *_convert(prev[2], rgb))
+                yield _frame(prev[0], prev[2], rgb)
                 k += 1
 
 

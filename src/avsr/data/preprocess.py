@@ -2,7 +2,8 @@
 
 Per clip (:func:`process_clip`): check the transcript; decode the video at 25 fps
 (:func:`avsr.data.media.iter_video`); take landmarks from a precomputed file or mediapipe face
-mesh; reject the clip when too many frames have no face; fill gaps, smooth, similarity-align to
+mesh (on every frame, or with ``detect_every = k > 1`` on every k-th frame and whenever the
+Lucas-Kanade track of :func:`avsr.data.landmarks.track_points` fails in between); reject the clip when too many frames have no face; fill gaps, smooth, similarity-align to
 the mean face and crop a 96x96 grey mouth ROI (:mod:`avsr.data.align`); decode the audio at
 16 kHz mono, re-timed to the first video frame and padded/trimmed to ``640 * T`` samples. Then
 write, each atomically, ``<out>/<split>/<utt_id>.mp4``, ``.wav``, ``.txt`` and ``.npz`` (last,
@@ -36,7 +37,7 @@ from avsr.config import PreprocessConfig
 from avsr.data.align import apply_affine, crop_rois, fill_gaps, longest_gap, roi_transforms
 from avsr.data.corpora import TranscriptError, Utterance, normalise_transcript
 from avsr.data.landmarks import (MESH_KEEP, MOUTH, FaceMeshTracker, LandmarkError, load_landmarks,
-                                 mouth_opening)
+                                 mouth_opening, track_points)
 from avsr.data.manifest import ManifestRow, write_manifest
 from avsr.data.media import (MediaError, fit_length, iter_video, read_audio, video_start_time,
                              write_gray_video, write_wav)
@@ -56,6 +57,7 @@ class MouthROI(NamedTuple):
     face_detected: np.ndarray  #: (T,) bool
     face_mesh: Optional[np.ndarray]  #: (T, len(MESH_KEEP), 3) float32 source pixels, NaN = no face; None
     #: for precomputed 68-point landmarks
+    transforms: np.ndarray  #: (T, 2, 3) float32 affine maps from source pixels to ROI pixels
 
 
 class ClipFailure(Exception):
@@ -120,17 +122,26 @@ def _landmarks_and_frames(utt: Utterance, cfg: PreprocessConfig, tracker: FaceMe
     if tracker is not None:
         tracker.reset()
     last_index, last_pts, last_mesh = -1, nan, nan_mesh
+    tracked = 0  # frames since the last detection that found a face (0: none to track from)
     for frame in iter_video(utt.media, cfg.fps, rgb=pre is None):
-        grays.append(frame.gray)
         if frame.index != last_index:
             if pre is not None:
                 last_pts = pre[frame.index] if frame.index < len(pre) else nan
             else:
                 tm = time.perf_counter()
-                found = tracker.detect(frame.rgb)  # type: ignore[union-attr]
+                moved = None
+                if 0 < tracked < cfg.detect_every:
+                    moved = track_points(grays[-1], frame.gray, np.concatenate([last_pts, last_mesh[:, :2]]))
+                if moved is not None:  # depth stays that of the last detection
+                    last_pts, last_mesh = moved[:68], np.concatenate([moved[68:], last_mesh[:, 2:]], axis=1)
+                    tracked += 1
+                else:
+                    found = tracker.detect(frame.rgb)  # type: ignore[union-attr]
+                    last_pts, last_mesh = found if found is not None else (nan, nan_mesh)
+                    tracked = int(found is not None)
                 t_mesh += time.perf_counter() - tm
-                last_pts, last_mesh = found if found is not None else (nan, nan_mesh)
             last_index = frame.index
+        grays.append(frame.gray)
         points.append(last_pts)
         meshes.append(last_mesh)
     timings["landmarks"] = t_mesh
@@ -172,7 +183,7 @@ def extract_mouth_roi(utt: Utterance, cfg: PreprocessConfig, tracker: FaceMeshTr
     rois = crop_rois(grays, transforms, cfg.roi_size)
     lips = apply_affine(filled[:, MOUTH], transforms)
     timings["align"] = time.perf_counter() - t0
-    return MouthROI(rois, lips, detected, mesh)
+    return MouthROI(rois, lips, detected, mesh, transforms)
 
 
 def process_clip(utt: Utterance, out_root: str | Path, cfg: PreprocessConfig,
@@ -200,7 +211,7 @@ def process_clip(utt: Utterance, out_root: str | Path, cfg: PreprocessConfig,
         if len(wave) == 0:
             raise ClipFailure("audio stream has no samples")
         res.timings["audio"] = time.perf_counter() - t0
-        rois, lips, detected, mesh = extract_mouth_roi(utt, cfg, tracker, trust_pickles, res.timings)
+        rois, lips, detected, mesh, _ = extract_mouth_roi(utt, cfg, tracker, trust_pickles, res.timings)
         n = len(rois)
     except (ClipFailure, TranscriptError) as exc:
         res.failure = str(exc)
@@ -320,11 +331,13 @@ def preprocess(utts: list[Utterance], out_root: str | Path, cfg: PreprocessConfi
 
     Finished clips are skipped; failures go to :func:`failures_path`; manifests are rewritten
     from every finished clip of ``utts``. Raises :class:`LandmarkError` up front for untrusted
-    pickles and ValueError for bad shard arguments or ``workers < 1``.
+    pickles and ValueError for bad shard arguments, ``workers < 1`` or ``cfg.detect_every < 1``.
     """
     workers = cfg.workers if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if cfg.detect_every < 1:
+        raise ValueError(f"preprocess.detect_every must be >= 1, got {cfg.detect_every}")
     out_root = Path(out_root)
     mine = shard(utts, shard_index, num_shards)
     check_trust(mine, trust_pickles)

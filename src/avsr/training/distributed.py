@@ -83,6 +83,8 @@ def wrap_model(model: torch.nn.Module, env: DistEnv, find_unused_parameters: boo
         return model
     if env.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        log.info("converted %d batch-norm layers to SyncBatchNorm",
+                 sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()))
         return DistributedDataParallel(model, device_ids=[env.device.index], output_device=env.device.index,
                                        find_unused_parameters=find_unused_parameters)
     return DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
