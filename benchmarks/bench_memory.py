@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     preprocess(utts, work / "data", PreprocessConfig(), workers=1, progress=False)
     cfg = load_config(REPO / "configs" / "grid" / "audiovisual_relscore.yaml", [
         f"data.root={work / 'data'}", f"train.exp_dir={work / 'exp'}", *MICRO, "train.init_from=''",
-        "train.init_visual_from=''", "data.val_holdout=4", "data.max_frames=300", "data.num_workers=2",
+        "train.init_visual_from=''", "train.init_visual_share=0", "data.val_holdout=4", "data.max_frames=300",
+        "data.num_workers=2",
         f"train.max_steps={args.steps}", "train.epochs=100000", f"train.eval_step={max(args.steps // 4, 1)}",
         f"train.save_step={max(args.steps // 2, 1)}", "train.log_step=100", "train.warmup_steps=50"])
     shutil.rmtree(work / "exp", ignore_errors=True)  # a fresh run every time
