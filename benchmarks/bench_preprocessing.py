@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from avsr.config import PreprocessConfig
+from avsr.data.align import crop_centre_error
 from avsr.data.corpora import discover
 from avsr.data.landmarks import FaceMeshTracker, save_landmarks
 from avsr.data.media import iter_video, read_audio
@@ -140,11 +141,8 @@ def centre_error_px(utts, k: int) -> float:
         for u in utts:
             ref = extract_mouth_roi(u, PreprocessConfig(), tracker).transforms
             trk = extract_mouth_roi(u, PreprocessConfig(detect_every=k), tracker).transforms
-            c = np.array([48.0, 48.0])
-            for a_ref, a_trk in zip(ref, trk):
-                src = np.linalg.solve(a_trk[:, :2], c - a_trk[:, 2])  # tracked centre in source pixels
-                errors.append(np.linalg.norm(a_ref[:, :2] @ src + a_ref[:, 2] - c))
-    return float(np.mean(errors))
+            errors.append(crop_centre_error(ref, trk))
+    return float(np.concatenate(errors).mean())
 
 
 def crop_wer(utts, work: Path, k: int, checkpoint: Path) -> float:

@@ -127,6 +127,15 @@ def roi_transforms(landmarks: np.ndarray, size: int = 96, window: int = 5) -> np
     return roi
 
 
+def crop_centre_error(reference: np.ndarray, transforms: np.ndarray, size: int = 96) -> np.ndarray:
+    """Per frame, how far (ROI pixels) the centre of the crop made with ``transforms`` lies from the
+    centre of the crop made with ``reference``: both ``(T, 2, 3)`` source->ROI affine maps (as
+    :func:`roi_transforms` returns) of ``size`` x ``size`` crops. Returns ``(T,)`` float64."""
+    c = np.array([size / 2.0, size / 2.0])
+    src = np.linalg.solve(transforms[:, :, :2], (c - transforms[:, :, 2])[..., None])  # (T, 2, 1) source pixels
+    return np.linalg.norm((reference[:, :, :2] @ src)[..., 0] + reference[:, :, 2] - c, axis=1)
+
+
 def crop_rois(frames: list[np.ndarray] | np.ndarray, transforms: np.ndarray, size: int = 96) -> np.ndarray:
     """Warp each (H, W) uint8 frame by its (2, 3) matrix into a (size, size) crop -> (T, size, size) uint8.
 

@@ -3,11 +3,12 @@
 Per clip (:func:`process_clip`): check the transcript; decode the video at 25 fps
 (:func:`avsr.data.media.iter_video`); take landmarks from a precomputed file or mediapipe face
 mesh (on every frame, or with ``detect_every = k > 1`` on every k-th frame and whenever the
-Lucas-Kanade track of :func:`avsr.data.landmarks.track_points` fails in between); reject the clip when too many frames have no face; fill gaps, smooth, similarity-align to
-the mean face and crop a 96x96 grey mouth ROI (:mod:`avsr.data.align`); decode the audio at
-16 kHz mono, re-timed to the first video frame and padded/trimmed to ``640 * T`` samples. Then
-write, each atomically, ``<out>/<split>/<utt_id>.mp4``, ``.wav``, ``.txt`` and ``.npz`` (last,
-so a clip is finished exactly when its ``.npz`` exists beside the others).
+Lucas-Kanade track of :func:`avsr.data.landmarks.track_points` fails in between); reject the
+clip when too many frames have no face; fill gaps, smooth, similarity-align to the mean face and
+crop a 96x96 grey mouth ROI (:mod:`avsr.data.align`); decode the audio at 16 kHz mono, re-timed
+to the first video frame and padded/trimmed to ``640 * T`` samples. Then write, each atomically,
+``<out>/<split>/<utt_id>.mp4``, ``.wav``, ``.txt`` and ``.npz`` (last, so a clip is finished
+exactly when its ``.npz`` exists beside the others).
 
 Per corpus (:func:`preprocess`): one shard of the sorted utterances, clips already finished are
 skipped (resume), the rest run in ``workers`` processes (one thread each); failures are
