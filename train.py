@@ -9,7 +9,9 @@ Examples::
 
 Everything is a config key (``key.sub=value`` overrides win over the YAML). The seed project's
 flags are kept as aliases: ``--data`` (data.root), ``--data_name`` (data.name), ``--checkpoint_dir``
-(train.exp_dir), ``--checkpoint`` (train.init_from), ``--batch_size`` (data.max_clips; batches are
+(train.exp_dir), ``--checkpoint`` (train.init_from), ``--visual_front_checkpoint`` /
+``--audio_front_checkpoint`` (train.init_visual_frontend / train.init_audio_frontend: frontends from
+the LRW models of Ma et al., see ``avsr.models.lrw``), ``--batch_size`` (data.max_clips; batches are
 still bounded by data.max_frames), ``--epochs``, ``--eval_step``, ``--lr`` (train.*), ``--gpu``
 (train.device: ``-1``/``cpu``, ``N`` = cuda:N, ``0,1`` = those GPUs) and ``--dataparallel`` (with
 several GPUs and no torchrun, relaunches itself under ``torchrun`` with one process per GPU).
@@ -32,6 +34,8 @@ ALIASES = {
     "epochs": "train.epochs",
     "eval_step": "train.eval_step",
     "lr": "train.lr",
+    "visual_front_checkpoint": "train.init_visual_frontend",
+    "audio_front_checkpoint": "train.init_audio_frontend",
 }
 
 log = logging.getLogger("train")

@@ -55,7 +55,7 @@ from quiet import BenchRun
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the H.264/AAC writer the tests make their clips with
-from media_utils import write_av  # noqa: E402
+from media_utils import face_crop, write_av  # noqa: E402
 
 TARGETS = {"detection": 285.0, "precomputed": 1000.0, "tracked": 400.0}
 TRACKED_TARGET_ERROR_PX = 1.0
@@ -113,23 +113,11 @@ def _run(utts, work: Path, repeats: int, cfg: PreprocessConfig = PreprocessConfi
 
 
 def lrs2_style(utt, dst: Path):
-    """An LRS2-like copy of a GRID clip: a fixed square face crop (1.6x the landmarks' extent on the
-    first frame with a face) scaled to 160x160, 25 fps H.264 with 16 kHz AAC audio (PyAV)."""
-    import cv2
-
-    frames = [f.rgb for f in iter_video(utt.media, 25.0, rgb=True)]
-    with FaceMeshTracker() as tracker:
-        pts = next(p for p in map(tracker, frames) if p is not None)
-    (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
-    half = 0.8 * max(x1 - x0, y1 - y0)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    pad = int(half) + 1
-    big = [cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE) for rgb in frames]
-    top, left, side = int(round(cy - half)) + pad, int(round(cx - half)) + pad, int(2 * half)
-    faces = np.stack([cv2.resize(b[top: top + side, left: left + side], (LRS2_SIZE, LRS2_SIZE),
-                                 interpolation=cv2.INTER_AREA) for b in big])
+    """An LRS2-like copy of a GRID clip: a fixed square face crop (tests/media_utils ``face_crop``)
+    scaled to 160x160, 25 fps H.264 with 16 kHz AAC audio (PyAV)."""
+    frames = np.stack([f.rgb for f in iter_video(utt.media, 25.0, rgb=True)])
     dst.parent.mkdir(parents=True, exist_ok=True)
-    write_av(dst, faces, read_audio(utt.media), 25)
+    write_av(dst, face_crop(frames, LRS2_SIZE), read_audio(utt.media), 25)
     return replace(utt, media=dst)
 
 

@@ -29,3 +29,24 @@ def write_av(path: Path, frames: Optional[np.ndarray], wave: Optional[np.ndarray
             af.sample_rate = 16000
             c.mux(aus.encode(af))
             c.mux(aus.encode(None))
+
+
+def face_crop(frames: np.ndarray, size: int = 160) -> np.ndarray:
+    """LRS-style face crops of ``(T, H, W, 3)`` uint8 RGB frames: one fixed square (1.6x the face-mesh
+    landmarks' extent on the first frame with a face, edges replicated) scaled to ``(T, size, size, 3)``."""
+    import cv2
+
+    from avsr.data.landmarks import FaceMeshTracker
+
+    with FaceMeshTracker() as tracker:
+        pts = next(p for p in map(tracker, frames) if p is not None)
+    (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
+    half = 0.8 * max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    pad = int(half) + 1
+    top, left, side = int(round(cy - half)) + pad, int(round(cx - half)) + pad, int(2 * half)
+    out = []
+    for rgb in frames:
+        big = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        out.append(cv2.resize(big[top: top + side, left: left + side], (size, size), interpolation=cv2.INTER_AREA))
+    return np.stack(out)

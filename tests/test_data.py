@@ -67,12 +67,20 @@ def test_sampler_ddp_shares_are_disjoint_and_equal():
 
 
 def test_sampler_curriculum_and_length_limit():
-    s = FrameBudgetSampler(LENGTHS, 400, seed=0, curriculum_max_frames=60, curriculum_epochs=2)
-    for epoch in (0, 1):
+    s = FrameBudgetSampler(LENGTHS, 400, seed=0, curriculum=[[60, 2], [90, 1]])
+    for epoch, limit in ((0, 60), (1, 60), (2, 90)):
         s.set_epoch(epoch)
-        assert all(LENGTHS[i] <= 60 for i in _flat(s))
-    s.set_epoch(2)
+        assert sorted(_flat(s)) == [i for i, n in enumerate(LENGTHS) if n <= limit]
+    s.set_epoch(3)
     assert sorted(_flat(s)) == list(range(len(LENGTHS)))
+    # clips that can be cut (word timings) stay in every stage, counted at the stage's limit
+    cut = [n > 60 and i % 2 == 0 for i, n in enumerate(LENGTHS)]
+    c = FrameBudgetSampler(LENGTHS, 120, seed=0, curriculum=[[60, 1]], cuttable=cut)
+    used = sorted(_flat(c))
+    assert used == [i for i, n in enumerate(LENGTHS) if n <= 60 or cut[i]]
+    assert all(len(b) * max(min(LENGTHS[i], 60) for i in b) <= 120 for b in c.epoch_batches(0))
+    with pytest.raises(ValueError, match="two positive integers"):
+        FrameBudgetSampler(LENGTHS, 400, curriculum=[[60]])
     short = FrameBudgetSampler(LENGTHS, 100, seed=0)
     assert sorted(_flat(short)) == [i for i, n in enumerate(LENGTHS) if n <= 100]
 

@@ -66,8 +66,9 @@ def toy_batch(frames: list[int], size: int = 40, n_tokens: int = 5, seed: int = 
 # ---------------------------------------------------------------- frontends and scoring
 
 
-def test_visual_frontend_shapes_and_padding():
-    fe = VisualFrontend(width=8, out_dim=24, stem_kernel_t=5).eval()
+@pytest.mark.parametrize("activation", ["relu", "swish"])
+def test_visual_frontend_shapes_and_padding(activation):
+    fe = VisualFrontend(width=8, out_dim=24, stem_kernel_t=5, activation=activation).eval()
     randomise_bn(fe)
     video = torch.randn(2, 9, 1, 88, 88)
     feats, lengths = fe(video, torch.tensor([9, 6]))
@@ -87,7 +88,9 @@ def test_visual_frontend_shapes_and_padding():
         fe(video, torch.tensor([10, 6]))
 
 
-@pytest.mark.parametrize("frontend", [AudioResNetFrontend(width=8, out_dim=24), LogMelFrontend(hidden=16, out_dim=24)])
+@pytest.mark.parametrize("frontend", [AudioResNetFrontend(width=8, out_dim=24),
+                                      AudioResNetFrontend(width=8, out_dim=24, activation="swish"),
+                                      LogMelFrontend(hidden=16, out_dim=24)], ids=["resnet1d", "resnet1d_swish", "logmel"])
 def test_audio_frontends_give_one_frame_per_640_samples(frontend):
     fe = frontend.eval()
     randomise_bn(fe)
@@ -299,11 +302,12 @@ def test_model_shapes_and_losses_in_every_mode(mode, audio_frontend):
         assert feats is None or feats.shape == (3, 10, 32)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_padding_does_not_change_a_clips_encoding(mode):
-    """Eval mode: the same clip alone and padded in a batch gives the same encoder output."""
+@pytest.mark.parametrize("mode, activation", [(m, "relu") for m in MODES] + [("audiovisual_relscore", "swish")])
+def test_padding_does_not_change_a_clips_encoding(mode, activation):
+    """Eval mode: the same clip alone and padded in a batch gives the same encoder output (also with
+    swish frontends, model.frontend_activation)."""
     torch.manual_seed(0)
-    model = build_model(small_cfg(mode), V).eval()
+    model = build_model(small_cfg(mode, frontend_activation=activation), V).eval()
     randomise_bn(model)
     _assert_padding_invariant(model, atol=2e-5, rtol=1e-4)
 

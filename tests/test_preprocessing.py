@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -23,14 +24,15 @@ import soundfile as sf
 
 from avsr.config import PreprocessConfig
 from avsr.data import align
-from avsr.data.corpora import (CorpusError, TranscriptError, discover, normalise_transcript, read_align,
-                               read_lrs_text)
+from avsr.data.corpora import (VOCAB, CorpusError, TranscriptError, Utterance, discover, normalise_transcript,
+                               read_align, read_lrs_text, read_lrs_words)
 from avsr.data.landmarks import (MOUTH, MP_TO_68, STABLE, FaceMeshTracker, LandmarkError, convert_pickle_tree,
                                  load_landmarks, mouth_opening, save_landmarks)
 from avsr.data.manifest import read_manifest
 from avsr.data.media import (MediaError, fit_length, iter_video, load_clip, read_audio, read_gray_video,
                              read_video, write_gray_video, write_wav)
-from avsr.data.preprocess import failures_path, preprocess, shard
+from avsr.data.preprocess import (ClipFailure, check_fits, ctc_min_frames, failures_path, preprocess,
+                                  process_clip, shard)
 from media_utils import write_av
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,11 +91,156 @@ def test_similarity_fit_undoes_a_known_transform():
 
 
 def test_transcripts_are_normalised_or_rejected():
-    assert normalise_transcript("  bin blue\tat f  two now ") == "BIN BLUE AT F TWO NOW"
-    assert normalise_transcript("it's") == "IT'S"
-    for bad, why in [("HELLO 123", "outside"), ("{LG} YES", "outside"), ("   ", "empty"), (None, "no transcript")]:
+    from avsr.evaluation.wer import normalize_text
+
+    cases = {
+        "  bin blue\tat f  two now ": "BIN BLUE AT F TWO NOW",
+        "it's": "IT'S",
+        "Bin blue, at L nine again!": "BIN BLUE AT L NINE AGAIN",  # ordinary writing
+        "place blue at 9 now": "PLACE BLUE AT NINE NOW",  # digits spelled out (num2words)
+        "HELLO 123": "HELLO ONE HUNDRED AND TWENTY THREE",
+        "1,000 people, 3.05 m, the 2nd time": "ONE THOUSAND PEOPLE THREE POINT ZERO FIVE M THE SECOND TIME",
+        "{LG} YES": "YES",  # LRS3 annotation tags are not words
+        "“We’re going,” she said — 'don't'": "WE'RE GOING SHE SAID DON'T",  # inner apostrophes kept, quotes not
+        "Café au lait & 50%": "CAFE AU LAIT AND FIFTY PERCENT",
+        "\ufeffBin blue": "BIN BLUE",  # a byte-order mark from a Windows editor
+    }
+    for raw, norm in cases.items():
+        assert normalise_transcript(raw) == norm, raw
+        # the evaluation's rule is the same one, with every apostrophe removed (on both sides of a score)
+        assert normalize_text(raw) == norm.replace("'", ""), raw
+    assert set("".join(cases.values())) <= set(VOCAB)  # the training vocabulary can spell every result
+    for bad, why in [("Привет", "transliterate"), ("costs $5", r"spell out the symbols '\$'"), ("   ", "empty"),
+                     ("{NS}", "no words"), (None, "no transcript")]:
         with pytest.raises(TranscriptError, match=why):
             normalise_transcript(bad)
+    with pytest.raises(TranscriptError, match=r"outside \[A-Z' \] after normalisation"):
+        normalise_transcript("日本語")
+
+
+def test_transcript_must_fit_the_clip_length():
+    assert ctc_min_frames("AT") == 2 and ctc_min_frames("ALL") == 4  # a blank between the two Ls
+    cfg = PreprocessConfig()
+    check_fits("BIN BLUE AT F TWO NOW", 75, 48000, cfg)  # a GRID clip: 21 characters, 2 words/s
+    with pytest.raises(ClipFailure, match="transcript too long for the clip: 21 characters need 21 frames"):
+        check_fits("BIN BLUE AT F TWO NOW", 20, 12800, cfg)
+    with pytest.raises(ClipFailure, match=r"implausible speaking rate: 20 words in 2.00 s = 10.0 words/s"):
+        check_fits(" ".join(["A"] * 20), 50, 32000, cfg)  # short words: fits CTC, not a speaking rate
+    check_fits(" ".join(["A"] * 20), 50, 32000, PreprocessConfig(max_words_per_second=0))  # 0 disables
+    with pytest.raises(ClipFailure, match=r"video stopped early: its last frame is frame 29 \(1.20 s\)"):
+        check_fits("BIN BLUE", 30, 48000, cfg)
+    check_fits("BIN BLUE", 30, int(16000 * 1.7), cfg)  # within max_audio_overhang_s
+
+
+def test_truncated_or_broken_video_streams_are_rejected(tmp_path, grid_dir):
+    """The brief's three ways a real GRID clip's video can end early: each is a failure with a reason
+    (none is kept cut short), and nothing is written for it."""
+    src = grid_dir / "video" / "bbaf2n.mpg"
+    truth = _transcripts(grid_dir)["bbaf2n"]
+    corpus = tmp_path / "videos"
+    corpus.mkdir()
+    # 1. the first 30 KB of the .mpg: PyAV decodes 5 frames (0.2 s) and stops without an error (an MPEG
+    # program stream has no header duration to compare with); the audio is cut at the same point
+    (corpus / "first30k.mpg").write_bytes(src.read_bytes()[:30_000])
+    assert len(list(iter_video(corpus / "first30k.mpg", 25.0))) == 5
+    assert len(read_audio(corpus / "first30k.mpg")) < 0.25 * 16000
+    # 2. an H.264 copy with 5000 bytes zeroed in the middle: the decoder raises part-way
+    rgb, _ = read_video(src, fps=25.0)
+    wave = read_audio(src)
+    write_av(corpus / "corrupt.mp4", rgb, wave, 25)
+    data = bytearray((corpus / "corrupt.mp4").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 5000] = bytes(5000)
+    (corpus / "corrupt.mp4").write_bytes(bytes(data))
+    # 3. the video stream stops after 30 frames (1.2 s) while the audio runs on (3 s)
+    write_av(corpus / "video_stops.mp4", rgb[:30], wave, 25)
+    for name in ("first30k", "corrupt", "video_stops"):
+        (corpus / f"{name}.txt").write_text(truth.lower() + "\n")
+
+    out = tmp_path / "out"
+    assert _cli().main(["--layout", "videos", "--input", str(corpus), "--output", str(out), "--no-progress"]) == 1
+    lines = failures_path(out).read_text().splitlines()[1:]
+    reasons = {line.split("\t")[0]: line.split("\t")[3] for line in lines}
+    assert set(reasons) == {"first30k", "corrupt", "video_stops"}
+    assert reasons["first30k"].startswith("transcript too long for the clip: 21 characters need 21 frames (CTC), "
+                                          "the clip has 5 (0.20 s)")
+    stop = re.match(r"video decoding failed at source frame (\d+) .*truncated or corrupt stream", reasons["corrupt"])
+    assert stop and 20 <= int(stop.group(1)) <= 50, reasons["corrupt"]  # the damage is about half-way in
+    assert reasons["video_stops"].startswith("video stopped early: its last frame is frame 29 (1.20 s) but the audio "
+                                             "runs to 3.")
+    assert not (out / "train").exists() or not list((out / "train").iterdir())  # nothing written
+
+    # the speaking-rate bound, on the real clip kept whole: 6 words in 3 s is 2 words/s
+    utt = Utterance("bbaf2n", "train", src, truth)
+    with FaceMeshTracker() as tracker:
+        res = process_clip(utt, tmp_path / "rate", PreprocessConfig(max_words_per_second=1.5), tracker)
+    assert res.failure == ("implausible speaking rate: 6 words in 3.00 s = 2.0 words/s (max_words_per_second=1.5): "
+                           "a truncated clip or the wrong transcript")
+    assert not (tmp_path / "rate").exists()
+
+
+def test_punctuated_and_digit_transcripts_are_kept_normalised(tmp_path, grid_dir):
+    """Transcripts in ordinary writing beside real GRID clips (``--layout videos``): kept, normalised."""
+    corpus = tmp_path / "videos"
+    corpus.mkdir()
+    for name, gid, text in [("punctuated", "bbal9a", "Bin blue, at L nine again!\n"),
+                            ("digits", "bbws9s", "Bin blue with S 9 soon.\n")]:
+        (corpus / f"{name}.mpg").symlink_to(grid_dir / "video" / f"{gid}.mpg")
+        (corpus / f"{name}.txt").write_text(text)
+    out = tmp_path / "out"
+    assert _cli().main(["--layout", "videos", "--input", str(corpus), "--output", str(out), "--no-progress"]) == 0
+    rows = {r.utt_id: r for r in read_manifest(out, "train")}
+    assert rows["punctuated"].transcript == "BIN BLUE AT L NINE AGAIN"
+    assert rows["digits"].transcript == "BIN BLUE WITH S NINE SOON"
+    assert (out / "train" / "digits.txt").read_text() == "BIN BLUE WITH S NINE SOON\n"
+    assert failures_path(out).read_text().splitlines()[1:] == []
+
+
+def _lrs_txt(text: str, words: list[tuple[str, float, float]]) -> str:
+    """An LRS2 ``pretrain/`` / LRS3 style ``.txt``: the ``Text:`` line, then the word timing table."""
+    rows = "".join(f"{w} {s:.2f} {e:.2f} 5.0\n" for w, s, e in words)
+    return f"Text:  {text}\nConf:  4\n\nWORD START END ASDSCORE\n{rows}"
+
+
+def test_lrs_word_timings_are_stored_in_video_frames(tmp_path, grid_dir, grid_prepared):
+    """Real GRID clips with LRS-format ``.txt`` files whose word timings come from their ``.align``
+    files: the ``.npz`` keeps ``words`` and ``word_frames`` within a frame of the ``.align`` times."""
+    aligns = {g: [(w, s, e) for s, e, w in read_align(grid_dir / "align" / f"{g}.align") if w not in ("sil", "sp")]
+              for g in ("bbal9a", "bbaf2n")}
+    corpus = tmp_path / "videos"
+    corpus.mkdir()
+    (corpus / "timed.mpg").symlink_to(grid_dir / "video" / "bbal9a.mpg")
+    # seconds rounded to 0.01 s, as LRS files give them; the Text line in ordinary writing, the words lower case
+    (corpus / "timed.txt").write_text(_lrs_txt("Bin blue, at L nine again!",
+                                               [(w, s / 25, e / 25) for w, s, e in aligns["bbal9a"]]))
+    (corpus / "mismatch.mpg").symlink_to(grid_dir / "video" / "bbaf2n.mpg")
+    wrong = [("bin", 0.5, 0.7), ("red", 0.7, 0.9)] + [(w, s / 25, e / 25) for w, s, e in aligns["bbaf2n"][2:]]
+    (corpus / "mismatch.txt").write_text(_lrs_txt(_transcripts(grid_dir)["bbaf2n"], wrong))
+    main_style = tmp_path / "main.txt"
+    main_style.write_text("Text:  BIN BLUE\nConf:  3\n")  # LRS2 main/: no timings
+    assert read_lrs_words(main_style) is None
+    assert read_lrs_words(corpus / "timed.txt")[:2] == (("bin", 0.7, 0.92), ("blue", 0.92, 1.08))
+    bad = tmp_path / "bad.txt"
+    bad.write_text(_lrs_txt("SO", []) + "SO 0.5\n")
+    with pytest.raises(CorpusError, match=r"bad.txt:5: expected 'WORD START END"):
+        read_lrs_words(bad)
+
+    out = tmp_path / "out"
+    assert _cli().main(["--layout", "videos", "--input", str(corpus), "--output", str(out), "--no-progress"]) == 0
+    rows = {r.utt_id: r for r in read_manifest(out, "train")}
+    assert set(rows) == {"timed", "mismatch"}
+    _, _, meta = load_clip(out, rows["timed"])
+    assert meta["words"].tolist() == rows["timed"].transcript.split() == ["BIN", "BLUE", "AT", "L", "NINE", "AGAIN"]
+    assert meta["word_frames"].dtype == np.float32 and meta["word_frames"].shape == (6, 2)
+    np.testing.assert_allclose(meta["word_frames"], [(s, e) for _, s, e in aligns["bbal9a"]], atol=1.0)
+    assert (np.diff(meta["word_frames"], axis=1) > 0).all() and meta["word_frames"].max() <= rows["timed"].n_frames
+    _, _, meta = load_clip(out, rows["mismatch"])
+    assert "words" not in meta and "word_frames" not in meta  # timed words are not the transcript's: none kept
+
+    # the GRID layout keeps its .align timings too (exactly: 25 fps frames)
+    row = next(r for r in read_manifest(grid_prepared, "test") if r.utt_id == "bbal9a")
+    _, _, meta = load_clip(grid_prepared, row)
+    assert meta["words"].tolist() == row.transcript.split()
+    np.testing.assert_array_equal(meta["word_frames"], np.float32([(s, e) for _, s, e in aligns["bbal9a"]]))
 
 
 def test_gray_video_and_wav_round_trip(tmp_path):
@@ -221,7 +368,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path, grid_dir):
     (corpus / "garbage.avi").write_bytes(os.urandom(5000))
     (corpus / "symbols.mpg").symlink_to(src)
     (corpus / "empty.mkv").write_bytes(b"")
-    transcripts = {"good": "bin blue at f two now", "symbols": "BIN BLUE AT F 2 NOW"}
+    transcripts = {"good": "bin blue at f two now", "symbols": "BIN BLUE AT F 2 NOW = $2"}
     for name in ("truncated", "cut_no_index", "silent", "noface", "garbage", "empty"):
         transcripts[name] = "BIN BLUE"
     (corpus / "transcripts.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in transcripts.items()))

@@ -263,8 +263,9 @@ def test_face_leaving_the_frame_longer_than_max_gap_is_reported(tmp_path, grid_d
 
 
 def test_audio_length_mismatch_audio_only_and_bad_transcripts(tmp_path, grid_dir):
-    """Audio half or double the video's length is trimmed/padded to it; an audio-only file, an
-    empty and a non-ASCII transcript are reported in failures.tsv."""
+    """Audio half the video's length is padded to it; audio running on far past the video (double
+    its length: the video stream stopped early), an audio-only file, an empty and a non-Latin
+    transcript are reported in failures.tsv; accented Latin letters are normalised (``ü`` -> ``U``)."""
     src = grid_dir / "video" / "bbal6n.mpg"
     rgb, _ = read_video(src, fps=25.0)
     wave = read_audio(src)
@@ -272,7 +273,8 @@ def test_audio_length_mismatch_audio_only_and_bad_transcripts(tmp_path, grid_dir
     corpus.mkdir()
     clips = {"short_audio": (rgb, wave[: len(wave) // 2], "bin blue"),
              "long_audio": (rgb, np.tile(wave, 2), "bin blue"), "audio_only": (None, wave, "bin blue"),
-             "empty_text": (rgb, wave, "  \n"), "non_ascii": (rgb, wave, "bin blüe")}
+             "empty_text": (rgb, wave, "  \n"), "non_ascii": (rgb, wave, "bin blüe"),
+             "non_latin": (rgb, wave, "бин блю")}
     for name, (frames, audio, text) in clips.items():
         write_av(corpus / f"{name}.mp4", frames, audio)
         (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
@@ -280,8 +282,13 @@ def test_audio_length_mismatch_audio_only_and_bad_transcripts(tmp_path, grid_dir
     summary = preprocess(discover("videos", corpus), out, PreprocessConfig(), progress=False)
     assert summary.kept == 2
     reasons = _reasons(out)
+    assert reasons.pop("long_audio").startswith("video stopped early: its last frame is frame 74 (3.00 s) but the "
+                                                "audio runs to 6.")
     assert reasons == {"audio_only": "no video stream", "empty_text": "empty transcript",
-                       "non_ascii": "transcript has characters outside [A-Z' ]: 'Ü'"}
+                       "non_latin": "transcript has characters outside [A-Z' ] after normalisation: letters "
+                                    "'БИЛНЮ' have no A-Z spelling (another script?): transliterate the transcript "
+                                    "into English letters (or leave the clip out)"}
+    assert {r.utt_id: r.transcript for r in read_manifest(out, "train")}["non_ascii"] == "BIN BLUE"
     for row in read_manifest(out, "train"):
         frames, audio, _ = load_clip(out, row)
         assert len(frames) == 75 and len(audio) == row.n_samples == 48000, row

@@ -41,6 +41,14 @@ class PreprocessConfig:
     workers: int = 1  # parallel clip workers
     video_crf: int = 18  # H.264 quality of the written crops (0 = lossless)
     detect_every: int = 1  # face mesh on every k-th frame, optical-flow tracking in between (1 = every frame)
+    # skip a clip whose transcript has more words per second of video than this (a truncated or mislabelled
+    # clip): read speech runs at ~2-3 words/s (GRID: 6 words in 3 s), fast read speech ~3-4.5, LRS3 TED talks
+    # peak around 5-6; 8 leaves a margin above the fastest real speech (0 disables)
+    max_words_per_second: float = 8.0
+    # skip a clip whose audio runs on this many seconds past its last video frame: the video stream stopped
+    # early (corrupt or cut); real clips differ by a frame or an audio codec's padding (the 561 real GRID
+    # clips: at most 0.06 s; AAC adds ~0.1 s of padding)
+    max_audio_overhang_s: float = 0.5
 
 
 @dataclass
@@ -49,7 +57,7 @@ class DataConfig:
 
     root: str = ""  # folder written by preprocessing.py (holds <split>.tsv)
     name: str = ""  # corpus label for logs (the seed CLI's --data_name)
-    train_split: str = "train"
+    train_split: str = "train"  # one split, or several joined by "+" (LRS3: pretrain+trainval)
     val_split: str = "val"
     val_holdout: int = 0  # without <val_split>.tsv: hold out this many train clips (picked by seed) to validate on
     test_split: str = "test"
@@ -57,8 +65,10 @@ class DataConfig:
     max_clips: Optional[int] = None  # optional cap on clips per batch (the seed CLI's --batch_size)
     num_buckets: int = 8  # length buckets of the dynamic bucketing sampler
     num_workers: int = 2  # DataLoader workers
-    curriculum_max_frames: Optional[int] = None  # train only on clips <= this many frames ...
-    curriculum_epochs: int = 0  # ... for this many epochs
+    # length curriculum (auto_avsr, AV-RelScore): [[max_clip_frames, epochs], ...] stages in turn; during a
+    # stage, longer clips with word timings (LRS pretrain) are cut to a random word-aligned segment that
+    # fits, longer ones without are skipped; after the last stage every clip up to max_frames is used
+    curriculum: list[list[int]] = field(default_factory=list)
     crop_size: int = 88  # random (train) / centre (test) crop of the 96x96 ROI
     hflip_prob: float = 0.5
     time_mask_max_frames: int = 10  # longest train-time time mask, frames (0 disables)
@@ -88,6 +98,8 @@ class ModelConfig:
     audio_frontend: str = "resnet1d"  # "resnet1d" (raw waveform) or "logmel"
     audio_width: int = 64
     frontend_dim: int = 512  # frontend output width
+    frontend_activation: str = "relu"  # of the ResNet frontends: "relu" or "swish" (x * sigmoid(x): the LRW
+                                       # models of Ma et al. that train.init_visual_frontend / init_audio_frontend load)
     # reliability scoring
     relscore_layers: int = 3
     relscore_kernel: int = 7
@@ -160,6 +172,10 @@ class TrainConfig:
     log_step: int = 20
     init_from: str = ""  # initialise weights (not optimiser) from a checkpoint, where names and shapes fit
     init_visual_from: str = ""  # then the visual frontend from this one (e.g. a lip-reading model, for AV)
+    init_visual_frontend: str = ""  # fresh start: the visual frontend (stem + ResNet-18 trunk) from an LRW model of
+    # Ma et al. (lrw_resnet18_dctcn_video.pth.tar, avsr.models.lrw); needs visual_width=64, and
+    # model.frontend_activation=swish to compute what it was trained to
+    init_audio_frontend: str = ""  # the same for the resnet1d audio frontend (lrw_resnet18_dctcn_audio.pth.tar)
     init_visual_share: float = 0.0  # AV: share of the init_visual_from model in the parts both models have
     # (Conformer, CTC head, decoder: a weighted average) and its projection in the fusion's video columns
     freeze: list[str] = field(default_factory=list)  # parts kept as they are: module names (encoder.scorers),

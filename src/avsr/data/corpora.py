@@ -9,7 +9,7 @@ Layouts (``discover(layout, root)``):
     clip goes to ``split``.
 ``lrs2``
     ``main/<spk>/<clip>.mp4`` and ``pretrain/<spk>/<clip>.mp4`` with ``.txt`` beside them
-    (``Text:  WORDS`` header, then word timings). ``train.txt``/``val.txt``/``test.txt`` (and
+    (``Text:  WORDS`` header, then, in ``pretrain/``, word timings). ``train.txt``/``val.txt``/``test.txt`` (and
     ``pretrain.txt``) at the root assign splits (``<spk>/<clip>`` per line, extra columns
     ignored); without them the split is the top folder.
 ``lrs3``
@@ -24,6 +24,10 @@ Precomputed landmarks (any layout) are looked up as ``<landmarks_dir>/<stem>.npz
 ``.pkl``, where ``<stem>`` is the clip's path below the media folder without extension
 (``<id>`` for GRID, ``<subset>/<spk>/<clip>`` for LRS); ``landmarks_dir`` defaults to the media
 folder itself (files beside the videos). Clips without one get mediapipe detection.
+
+Word timings (:attr:`Utterance.word_times`) come from GRID ``.align`` files and from the
+``WORD START END ASDSCORE`` table of LRS-format ``.txt`` files (:func:`read_lrs_words`; any layout
+that reads ``.txt`` files); a malformed table is logged and ignored.
 """
 
 from __future__ import annotations
@@ -34,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from avsr.data.media import VIDEO_EXTENSIONS
+from avsr.text.normalize import VOCAB_CHARS, normalise
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("grid", "lrs2", "lrs3", "videos")
-VOCAB = "ABCDEFGHIJKLMNOPQRSTUVWXYZ' "
+VOCAB = VOCAB_CHARS
 _OUT_OF_VOCAB = re.compile(r"[^A-Z' ]")
 _GRID_SILENCE = {"sil", "sp"}
 _LRS_SUBSETS = {"lrs2": ("main", "pretrain"), "lrs3": ("trainval", "pretrain", "test")}
@@ -57,7 +62,10 @@ class Utterance:
     """One clip to preprocess; outputs go to ``<out>/<split>/<utt_id>.*``.
 
     ``transcript`` is the raw text (``None`` when none was found); ``landmarks`` a precomputed
-    68-point file (``.npz`` or ``.pkl``) or ``None`` for mediapipe detection.
+    68-point file (``.npz`` or ``.pkl``) or ``None`` for mediapipe detection; ``word_times`` the
+    words with their ``(word, start_s, end_s)`` times in seconds from the clip's first video frame,
+    as the corpus gives them (raw words: LRS ``.txt`` timings, GRID ``.align`` without ``sil``/``sp``),
+    or ``None`` when it gives none.
     """
 
     utt_id: str
@@ -65,6 +73,7 @@ class Utterance:
     media: Path
     transcript: str | None
     landmarks: Path | None = None
+    word_times: tuple[tuple[str, float, float], ...] | None = None
 
     @property
     def rel_path(self) -> str:
@@ -72,15 +81,33 @@ class Utterance:
 
 
 def normalise_transcript(text: str | None) -> str:
-    """Uppercase, single-spaced transcript; raises :class:`TranscriptError` if empty or out of vocabulary."""
+    """The training transcript of ``text``: :func:`avsr.text.normalize.normalise` (the rule the
+    evaluation scores with too), which spells out digits and removes punctuation
+    (``"Bin blue, at L 9 again!"`` -> ``"BIN BLUE AT L NINE AGAIN"``) and keeps apostrophes inside
+    words (``"IT'S"``).
+
+    Raises :class:`TranscriptError` when ``text`` is None, has no words once normalised, or keeps
+    characters outside :data:`VOCAB` (letters of another script, symbols such as ``$``); the
+    message names them and says how to fix the transcript.
+    """
     if text is None:
         raise TranscriptError("no transcript")
-    norm = " ".join(text.upper().split())
+    norm = normalise(text)
     if not norm:
-        raise TranscriptError("empty transcript")
+        what = "empty transcript" if not text.strip() else f"transcript has no words once normalised: {text.strip()!r}"
+        raise TranscriptError(what)
     bad = sorted(set(_OUT_OF_VOCAB.findall(norm)))
     if bad:
-        raise TranscriptError(f"transcript has characters outside [A-Z' ]: {''.join(bad)!r}")
+        letters = "".join(c for c in bad if c.isalpha())
+        symbols = "".join(c for c in bad if not c.isalpha())
+        fixes = []
+        if letters:
+            fixes.append(f"letters {letters!r} have no A-Z spelling (another script?): transliterate the "
+                         "transcript into English letters")
+        if symbols:
+            fixes.append(f"spell out the symbols {symbols!r} in words")
+        raise TranscriptError(f"transcript has characters outside [A-Z' ] after normalisation: "
+                              f"{'; '.join(fixes)} (or leave the clip out)")
     return norm
 
 
@@ -100,6 +127,48 @@ def read_align(path: str | Path) -> list[tuple[float, float, str]]:
 def align_transcript(path: str | Path) -> str:
     """Words of a GRID ``.align`` file without ``sil``/``sp``, space-separated."""
     return " ".join(w for _, _, w in read_align(path) if w not in _GRID_SILENCE)
+
+
+def align_words(path: str | Path) -> tuple[tuple[str, float, float], ...]:
+    """Words of a GRID ``.align`` file without ``sil``/``sp`` as ``(word, start_s, end_s)``, in
+    seconds (the file's 1/25000 s units)."""
+    return tuple((w, s / 25.0, e / 25.0) for s, e, w in read_align(path) if w not in _GRID_SILENCE)
+
+
+def read_lrs_words(path: str | Path) -> tuple[tuple[str, float, float], ...] | None:
+    """Word timings of an LRS2 ``pretrain/`` or LRS3 ``.txt``: ``(word, start_s, end_s)`` per row of
+    the table under its ``WORD START END ...`` header, times in seconds from the clip's start.
+
+    Returns ``None`` when the file has no such table or an empty one (LRS2 ``main/`` files have only
+    the ``Text:`` and ``Conf:`` lines). Raises :class:`CorpusError` naming the line for a row
+    without a word and two numbers, or one that ends before it starts.
+    """
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    header = next((i for i, line in enumerate(lines) if line.split()[:3] == ["WORD", "START", "END"]), None)
+    if header is None:
+        return None
+    words = []
+    for lineno, line in enumerate(lines[header + 1:], start=header + 2):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            word, start, end = parts[0], float(parts[1]), float(parts[2])
+        except (IndexError, ValueError):
+            raise CorpusError(f"{path}:{lineno}: expected 'WORD START END ...', got {line!r}") from None
+        if end < start:
+            raise CorpusError(f"{path}:{lineno}: word ends ({end}) before it starts ({start})")
+        words.append((word, start, end))
+    return tuple(words) or None
+
+
+def _lrs_words_or_none(path: Path) -> tuple[tuple[str, float, float], ...] | None:
+    """:func:`read_lrs_words`, with a malformed table logged and ignored (the clip keeps its text)."""
+    try:
+        return read_lrs_words(path)
+    except CorpusError as exc:
+        log.warning("word timings ignored: %s", exc)
+        return None
 
 
 def read_lrs_text(path: str | Path) -> str:
@@ -163,7 +232,8 @@ def grid_corpus(root: str | Path, split: str = "train", landmarks_dir: str | Pat
         stem = media.stem
         align = root / "align" / f"{stem}.align"
         text = align_transcript(align) if align.is_file() else tsv.get(media.name, tsv.get(stem))
-        utts.append(Utterance(stem, split_of.get(stem, split), media, text, _find_landmarks(lm_dir, stem)))
+        times = align_words(align) if align.is_file() else None
+        utts.append(Utterance(stem, split_of.get(stem, split), media, text, _find_landmarks(lm_dir, stem), times))
     have = {u.utt_id for u in utts}
     orphans = {_tsv_stem(k): f"transcripts.tsv: {k}" for k in tsv if _tsv_stem(k) not in have}
     if (root / "align").is_dir():
@@ -195,8 +265,8 @@ def lrs_corpus(root: str | Path, kind: str, landmarks_dir: str | Path | None = N
             split = next((name for name, ids in lists.items() if rel in ids), subset)
             txt = media.with_suffix(".txt")
             text = read_lrs_text(txt) if txt.is_file() else None
-            utts.append(Utterance(_safe_id(rel), split, media, text,
-                                  _find_landmarks(lm_dir, f"{subset}/{rel}")))
+            utts.append(Utterance(_safe_id(rel), split, media, text, _find_landmarks(lm_dir, f"{subset}/{rel}"),
+                                  _lrs_words_or_none(txt) if txt.is_file() else None))
         _warn_orphans(root, {txt.relative_to(root).with_suffix("").as_posix(): txt.relative_to(root).as_posix()
                              for txt in sorted((root / subset).rglob("*.txt")) if not txt.with_suffix(".mp4").is_file()})
     return utts
@@ -215,7 +285,8 @@ def video_corpus(root: str | Path, split: str = "train", landmarks_dir: str | Pa
         stem = rel[: -len(media.suffix)]
         txt = media.with_suffix(".txt")
         text = read_lrs_text(txt) if txt.is_file() else tsv.get(rel, tsv.get(stem, tsv.get(media.stem)))
-        utts.append(Utterance(_safe_id(stem), split, media, text, _find_landmarks(lm_dir, stem)))
+        utts.append(Utterance(_safe_id(stem), split, media, text, _find_landmarks(lm_dir, stem),
+                              _lrs_words_or_none(txt) if txt.is_file() else None))
         known.update({rel, stem, media.stem})
     orphans = {_tsv_stem(k): f"transcripts.tsv: {k}" for k in tsv if k not in known}
     for txt in root.rglob("*.txt"):

@@ -7,7 +7,12 @@ seeded with ``(seed, epoch, index)`` — the key :class:`~avsr.data.sampler.Fram
 yields — so the same sample gets the same augmentation whichever worker loads it, and a resumed
 run sees exactly the data an uninterrupted one would.
 
-A clip that cannot be read, corrupted or transformed is reported once (one log line naming the
+Under a length curriculum (``curriculum``), a clip longer than its epoch's limit is cut to a
+random run of whole words that fits (:func:`word_segment`, from the ``words``/``word_frames`` its
+``.npz`` keeps for LRS ``pretrain`` clips), its transcript cut to match, as auto_avsr and
+AV-RelScore cut their ``pretrain`` sets.
+
+A clip that cannot be read, cut, corrupted or transformed is reported once (one log line naming the
 file and the stage that failed) and dropped from its batch, in a DataLoader worker as in the main
 process; :func:`collate` returns ``None`` when nothing in a batch could be read.
 """
@@ -25,6 +30,7 @@ import torch
 
 from avsr.data.batch import IGNORE_ID, Batch
 from avsr.data.manifest import ManifestRow
+from avsr.data.sampler import check_curriculum, clip_limit
 from avsr.data.transforms import SAMPLES_PER_FRAME, Clip, Compose
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,10 @@ class AVDataset(torch.utils.data.Dataset):
             applied to the 96x96 ROI before the transform (e.g. ``avsr.corruption.VisualCorruptor``).
         audio_corrupt: optional ``f(wave float32 (S,), rng, exclude=(utt_id,)) -> wave`` (e.g.
             ``avsr.corruption.audio.AudioCorruptor``; ``exclude`` keeps a clip out of its own babble).
+        curriculum, max_frames: a length curriculum (``data.curriculum`` stages, see
+            :func:`avsr.data.sampler.clip_limit`) and the limit after it: a clip longer than its epoch's
+            limit is cut at word boundaries; :attr:`cuttable` says which clips can be (checked, in
+            their ``.npz``, for clips longer than the shortest stage).
 
     ``dataset[key]`` takes a ``(index, epoch)`` key (an ``int`` means epoch 0) and returns a
     :class:`Sample`, or ``None`` when the clip's files cannot be read.
@@ -81,8 +91,12 @@ class AVDataset(torch.utils.data.Dataset):
         seed: int = 0,
         visual_corrupt: Optional[VisualCorruptFn] = None,
         audio_corrupt: Optional[AudioCorruptFn] = None,
+        curriculum: Sequence[Sequence[int]] = (),
+        max_frames: Optional[int] = None,
     ) -> None:
         self.root = Path(root)
+        self.encode = encode
+        self.curriculum, self.max_frames = check_curriculum(curriculum), max_frames
         self.transform = transform
         self.seed = seed
         self.visual_corrupt, self.audio_corrupt = visual_corrupt, audio_corrupt
@@ -98,6 +112,17 @@ class AVDataset(torch.utils.data.Dataset):
         if not self.rows:
             raise ValueError(f"no usable clips under {self.root}")
         self._reported: set[str] = set()
+        limits = [a for a, _ in self.curriculum] + ([max_frames] if max_frames is not None else [])
+        shortest = min(limits) if limits else None
+        self.cuttable = [shortest is not None and r.n_frames > shortest and self._has_word_timings(r)
+                         for r in self.rows]
+
+    def _has_word_timings(self, row: ManifestRow) -> bool:
+        try:
+            with np.load(row.file(self.root, ".npz"), allow_pickle=False) as z:
+                return "word_frames" in z.files
+        except (OSError, ValueError):
+            return False  # reported when the clip itself is read
 
     def _name(self, row: ManifestRow) -> str:
         """The clip's ``.mp4`` for messages (not ``row.file``, which raises for a path escaping the root)."""
@@ -125,7 +150,8 @@ class AVDataset(torch.utils.data.Dataset):
         mo = np.asarray(meta["mouth_opening"], dtype=np.float32)[:t]
         if len(lm) != t or len(mo) != t:
             raise ValueError(f"npz has {len(lm)} landmark frames for {t} video frames")
-        return frames, wave, {"landmarks": lm, "mouth_opening": mo}
+        return frames, wave, {"landmarks": lm, "mouth_opening": mo, "words": meta.get("words"),
+                              "word_frames": meta.get("word_frames")}
 
     def __getitem__(self, key: int | tuple[int, int]) -> Optional[Sample]:
         index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
@@ -133,8 +159,19 @@ class AVDataset(torch.utils.data.Dataset):
         stage = "reading"
         try:
             frames, wave, meta = self._load(row)
-            stage = "corrupting"
             rng = np.random.default_rng([self.seed, epoch, index])
+            transcript, tokens = row.transcript, self.tokens[index]
+            limit = clip_limit(self.curriculum, epoch, self.max_frames) if self.max_frames is not None else None
+            if limit is not None and len(frames) > limit:
+                stage = "cutting"
+                if meta["word_frames"] is None:
+                    raise ValueError(f"{len(frames)} frames, over the limit of {limit}, and no word timings to cut at")
+                first, last, start, end = word_segment(meta["word_frames"], limit, rng)
+                transcript = " ".join(str(w) for w in meta["words"][first:last + 1])
+                frames, wave = frames[start:end], wave[start * SAMPLES_PER_FRAME:end * SAMPLES_PER_FRAME]
+                meta = {k: meta[k][start:end] for k in ("landmarks", "mouth_opening")}
+                tokens = np.asarray(self.encode(transcript), dtype=np.int64)
+            stage = "corrupting"
             landmarks = meta["landmarks"]
             if self.visual_corrupt is not None:
                 frames = self.visual_corrupt(frames, landmarks, rng)
@@ -149,10 +186,40 @@ class AVDataset(torch.utils.data.Dataset):
                 self._reported.add(name)
                 log.warning("skipping bad clip %s (failed while %s): %s: %s", name, stage, type(exc).__name__, exc)
             return None
-        return Sample(utt_id=row.utt_id, transcript=row.transcript, video=clip.video,
-                      audio=np.ascontiguousarray(clip.audio, dtype=np.float32), tokens=self.tokens[index],
+        return Sample(utt_id=row.utt_id, transcript=transcript, video=clip.video,
+                      audio=np.ascontiguousarray(clip.audio, dtype=np.float32), tokens=tokens,
                       landmarks=np.ascontiguousarray(clip.landmarks, dtype=np.float32),
                       mouth_opening=clip.mouth_opening)
+
+
+def word_segment(word_frames: np.ndarray, limit: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """A random run of whole words that fits in ``limit`` video frames.
+
+    Args:
+        word_frames: ``(N, 2)`` float start/end of each word in video frames (the ``.npz``'s
+            ``word_frames``), in order.
+        limit: longest segment, frames.
+        rng: draws the first word, uniformly among the words that fit; the run then takes every
+            following word that still fits.
+
+    Returns:
+        ``(first, last, start, end)``: word indices (inclusive) and the frame range
+        ``[start, end)`` (``floor`` of the first word's start, ``ceil`` of the last one's end).
+
+    Raises:
+        ValueError: when there are no words or none fits in ``limit`` frames.
+    """
+    spans = np.asarray(word_frames, dtype=np.float64).reshape(-1, 2)
+    starts = np.floor(spans[:, 0]).astype(int)
+    ends = np.maximum(np.ceil(spans[:, 1]).astype(int), starts + 1)
+    fits = np.flatnonzero(ends - starts <= limit)
+    if len(fits) == 0:
+        raise ValueError(f"no word fits in {limit} frames (of {len(spans)} words)")
+    first = int(fits[rng.integers(len(fits))])
+    last = first
+    while last + 1 < len(spans) and ends[last + 1] - starts[first] <= limit:
+        last += 1
+    return first, last, int(starts[first]), int(ends[last])
 
 
 def hold_out(rows: Sequence[ManifestRow], n: int, seed: int) -> tuple[list[ManifestRow], list[ManifestRow]]:

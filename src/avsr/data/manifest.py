@@ -12,6 +12,7 @@ ROI coordinates, mouth opening, face mask) belong to the clip.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +49,16 @@ def manifest_path(root: str | Path, split: str) -> Path:
 
 
 def read_manifest(root: str | Path, split: str) -> list[ManifestRow]:
-    """Rows of ``<root>/<split>.tsv``.
+    """Rows of ``<root>/<split>.tsv``; ``split`` may join several with ``+`` (``pretrain+trainval``):
+    their rows in that order, each utterance id then prefixed with its split (``pretrain/<utt_id>``),
+    as LRS3 reuses ``<spk>/<clip>`` names across its folders.
 
-    Raises :class:`ManifestError` when the file is missing, the header is wrong, a row is
+    Raises :class:`ManifestError` when a file is missing, the header is wrong, a row is
     malformed (naming the line), an utterance id repeats, or a path escapes ``root``.
     """
+    if "+" in split:
+        return [dataclasses.replace(r, utt_id=f"{name}/{r.utt_id}")
+                for name in split.split("+") for r in read_manifest(root, name)]
     path = manifest_path(root, split)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")

@@ -115,9 +115,13 @@ def iter_video(path: str | Path, fps: float | None = 25.0, rgb: bool = False,
     presentation time; the clip lasts until the last frame's end, so a 25 fps clip of N frames
     gives N frames at ``fps=25`` and ``round(N * fps / 25)`` otherwise. ``fps=None`` keeps every
     source frame. ``threads`` lets FFmpeg decode with frame/slice threads (fast; output is
-    identical). Raises :class:`MediaError` when the file is unreadable, has no video stream, or
-    decodes to less than 90% of the duration its stream header declares (a truncated download:
-    raised after the decodable frames, before the tail that would pad the clip).
+    identical). Raises :class:`MediaError` when the file is unreadable, has no video stream, the
+    decoder fails part-way (raised after the frames decoded before it, naming the source frame
+    where decoding stopped: a corrupt H.264 stream does this), or the stream decodes to less than
+    90% of the duration its header declares (a truncated download: raised after the decodable
+    frames, before the tail that would pad the clip). A truncated MPEG-1/PS file (GRID's ``.mpg``)
+    declares no duration of its own and decodes without an error, to fewer frames: the caller
+    must judge its length (:func:`avsr.data.preprocess.process_clip` does).
     """
     if fps is not None and fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
@@ -129,8 +133,10 @@ def iter_video(path: str | Path, fps: float | None = 25.0, rgb: bool = False,
         t0 = None
         t = -1.0 / src_fps  # time of the last decoded frame
         k = 0  # next output frame
+        n_decoded = 0
         try:
             for i, frame in enumerate(container.decode(stream)):
+                n_decoded = i + 1
                 t = frame.time if frame.time is not None else i / src_fps
                 t0 = t if t0 is None else t0
                 t -= t0
@@ -144,7 +150,9 @@ def iter_video(path: str | Path, fps: float | None = 25.0, rgb: bool = False,
                         k += 1
                 prev = (i, t, frame)
         except av.error.FFmpegError as exc:
-            raise MediaError(f"{path}: video decoding failed ({exc})") from None
+            where = (f"at source frame {n_decoded} ({max(t, 0.0) + 1.0 / src_fps:.2f} s in), after "
+                     f"{n_decoded} good frames: truncated or corrupt stream" if n_decoded else "at the first frame")
+            raise MediaError(f"{path}: video decoding failed {where} ({exc})") from None
         declared = float(stream.duration * stream.time_base) if stream.duration else 0.0
         decoded = t + 1.0 / src_fps
         if decoded < 0.9 * declared - 1.0 / src_fps:
@@ -297,8 +305,9 @@ def load_clip(root: str | Path, row) -> tuple[np.ndarray, np.ndarray, dict[str, 
     """One preprocessed clip: ``(frames (T, 96, 96) uint8, wave (S,) float32, npz dict)``.
 
     ``row`` is an :class:`avsr.data.manifest.ManifestRow`; the npz dict holds ``landmarks``
-    (T, 20, 2) float32, ``mouth_opening`` (T,) float32 and ``face_detected`` (T,) bool.
-    Raises :class:`MediaError` naming the file when one is missing or unreadable.
+    (T, 20, 2) float32, ``mouth_opening`` (T,) float32 and ``face_detected`` (T,) bool, and
+    every other key the ``.npz`` has (``words``/``word_frames``: see
+    :func:`avsr.data.preprocess.process_clip`). Raises :class:`MediaError` naming the file when one is missing or unreadable.
     """
     frames = read_gray_video(row.file(root, ".mp4"))
     wav_path = row.file(root, ".wav")

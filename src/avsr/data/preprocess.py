@@ -6,7 +6,9 @@ mesh (on every frame, or with ``detect_every = k > 1`` on every k-th frame and w
 Lucas-Kanade track of :func:`avsr.data.landmarks.track_points` fails in between); reject the
 clip when too many frames have no face; fill gaps, smooth, similarity-align to the mean face and
 crop a 96x96 grey mouth ROI (:mod:`avsr.data.align`); decode the audio at 16 kHz mono, re-timed
-to the first video frame and padded/trimmed to ``640 * T`` samples. Then write, each atomically,
+to the first video frame and padded/trimmed to ``640 * T`` samples; reject the clip when its
+transcript cannot fit it (:func:`check_fits`: a truncated clip, or a video stream that stops
+before the audio); keep word timings that match the transcript (:func:`word_frames`). Then write, each atomically,
 ``<out>/<split>/<utt_id>.mp4``, ``.wav``, ``.txt`` and ``.npz`` (last, so a clip is finished
 exactly when its ``.npz`` exists beside the others).
 
@@ -42,6 +44,7 @@ from avsr.data.landmarks import (MESH_KEEP, MOUTH, FaceMeshTracker, LandmarkErro
 from avsr.data.manifest import ManifestRow, write_manifest
 from avsr.data.media import (MediaError, fit_length, iter_video, read_audio, video_start_time,
                              write_gray_video, write_wav)
+from avsr.text.normalize import normalise
 from avsr.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -187,6 +190,67 @@ def extract_mouth_roi(utt: Utterance, cfg: PreprocessConfig, tracker: FaceMeshTr
     return MouthROI(rois, lips, detected, mesh, transforms)
 
 
+def ctc_min_frames(transcript: str) -> int:
+    """Fewest encoder frames a CTC alignment of ``transcript`` as characters needs: one per
+    character, spaces included, plus a blank between each pair of equal neighbours (``"LL"``).
+
+    Characters are the longest token sequence our tokenizers make (SentencePiece pieces are never
+    more), and the encoders run at the video frame rate, so a clip with fewer video frames than
+    this cannot be fitted by any of our models.
+    """
+    return len(transcript) + sum(a == b for a, b in zip(transcript, transcript[1:]))
+
+
+def check_fits(transcript: str, n_frames: int, n_samples: int, cfg: PreprocessConfig) -> None:
+    """Raise :class:`ClipFailure` unless normalised ``transcript`` can be what the clip of
+    ``n_frames`` video frames at ``cfg.fps`` and ``n_samples`` audio samples at ``cfg.sample_rate``
+    (re-timed to the first video frame) says.
+
+    In turn: the audio runs more than ``cfg.max_audio_overhang_s`` past the last video frame (the
+    video stream stopped early: corrupt or cut); fewer frames than :func:`ctc_min_frames`; more
+    than ``cfg.max_words_per_second`` words per second of video (0 disables that check).
+    """
+    video_s, audio_s = n_frames / cfg.fps, n_samples / cfg.sample_rate
+    if audio_s > video_s + cfg.max_audio_overhang_s:
+        raise ClipFailure(f"video stopped early: its last frame is frame {n_frames - 1} ({video_s:.2f} s) but the "
+                          f"audio runs to {audio_s:.2f} s (truncated or corrupt video stream; "
+                          f"max_audio_overhang_s={cfg.max_audio_overhang_s})")
+    need = ctc_min_frames(transcript)
+    if need > n_frames:
+        raise ClipFailure(f"transcript too long for the clip: {len(transcript)} characters need {need} frames "
+                          f"(CTC), the clip has {n_frames} ({video_s:.2f} s): a truncated clip or the wrong transcript")
+    words = len(transcript.split())
+    if cfg.max_words_per_second > 0 and words > cfg.max_words_per_second * video_s:
+        raise ClipFailure(f"implausible speaking rate: {words} words in {video_s:.2f} s = {words / video_s:.1f} "
+                          f"words/s (max_words_per_second={cfg.max_words_per_second}): a truncated clip or the "
+                          "wrong transcript")
+
+
+def word_frames(utt: Utterance, transcript: str, n_frames: int, fps: float
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(words (N,) str, frames (N, 2) float32)`` of ``utt.word_times`` in video frames at ``fps``
+    from the first frame, clipped to ``[0, n_frames]``; ``None`` when the utterance has no timings
+    or their words, normalised like the transcript (a word that normalises to nothing, such as a
+    ``{LG}`` tag, is dropped), are not exactly ``transcript``'s words (logged at debug)."""
+    if not utt.word_times:
+        return None
+    words, spans = [], []
+    for raw, start, end in utt.word_times:
+        norm = normalise(raw).split()
+        if len(norm) > 1:
+            log.debug("%s: no word timings kept: timed word %r normalises to %d words", utt.media, raw, len(norm))
+            return None
+        if norm:
+            words.append(norm[0])
+            spans.append((start, end))
+    if words != transcript.split():
+        log.debug("%s: no word timings kept: timed words %r differ from the transcript %r", utt.media,
+                  " ".join(words), transcript)
+        return None
+    frames = np.clip(np.asarray(spans, np.float64).reshape(-1, 2) * fps, 0, n_frames).astype(np.float32)
+    return np.asarray(words, dtype=str), frames
+
+
 def process_clip(utt: Utterance, out_root: str | Path, cfg: PreprocessConfig,
                  tracker: FaceMeshTracker | None = None, trust_pickles: bool = False) -> ClipResult:
     """Preprocess one utterance into ``<out_root>/<split>/<utt_id>.{mp4,wav,txt,npz}``.
@@ -195,10 +259,18 @@ def process_clip(utt: Utterance, out_root: str | Path, cfg: PreprocessConfig,
     ``mouth_opening`` (T,) float32 (inner-lip gap / mouth width) and ``face_detected`` (T,) bool;
     with face mesh (no precomputed landmarks) also ``face_mesh`` (T, len(MESH_KEEP), 3) float32, the
     :data:`avsr.data.landmarks.MESH_KEEP` vertices in source-image pixels with depth in the same
-    unit (NaN where no face), and ``face_mesh_ids`` (the mediapipe vertex numbers).
+    unit (NaN where no face), and ``face_mesh_ids`` (the mediapipe vertex numbers). When
+    ``utt.word_times`` are given and their normalised words are the transcript's (see
+    :func:`word_frames`), also ``words`` (N,) unicode, the transcript's N words in order, and
+    ``word_frames`` (N, 2) float32, each word's start and end in video frames at ``cfg.fps``
+    counted from the first written frame (time ``t`` s -> ``t * fps``; frame ``k`` covers
+    ``[k, k + 1)``), clipped to ``[0, T]``; without them neither key is written.
     A clip that cannot be used comes back with ``failure`` set (nothing written): unreadable
-    media, no video or audio stream, zero length, no face in more than ``cfg.max_missing_frac``
-    of the frames or for more than ``cfg.max_gap_frames`` in a row, bad transcript or landmarks.
+    media, no video or audio stream, video decoding failing part-way (the reason names the frame),
+    zero length, a transcript that cannot fit the clip (:func:`check_fits`: audio running past the
+    video by more than ``cfg.max_audio_overhang_s``, fewer frames than :func:`ctc_min_frames`, more
+    than ``cfg.max_words_per_second``), no face in more than ``cfg.max_missing_frac`` of the
+    frames or for more than ``cfg.max_gap_frames`` in a row, bad transcript or landmarks.
     """
     res = ClipResult(utt)
     try:
@@ -214,6 +286,7 @@ def process_clip(utt: Utterance, out_root: str | Path, cfg: PreprocessConfig,
         res.timings["audio"] = time.perf_counter() - t0
         rois, lips, detected, mesh, _ = extract_mouth_roi(utt, cfg, tracker, trust_pickles, res.timings)
         n = len(rois)
+        check_fits(res.transcript, n, len(wave), cfg)
     except (ClipFailure, TranscriptError) as exc:
         res.failure = str(exc)
         return res
@@ -230,6 +303,9 @@ def process_clip(utt: Utterance, out_root: str | Path, cfg: PreprocessConfig,
     atomic_write_text(base.with_name(base.name + ".txt"), res.transcript + "\n")
     with atomic_path(base.with_name(base.name + ".npz")) as tmp:
         extra = {} if mesh is None else {"face_mesh": mesh, "face_mesh_ids": MESH_KEEP}
+        timed = word_frames(utt, res.transcript, n, cfg.fps)
+        if timed is not None:
+            extra.update(words=timed[0], word_frames=timed[1])
         np.savez(tmp, landmarks=lips, mouth_opening=mouth_opening(lips), face_detected=detected, **extra)
     res.timings["write"] = time.perf_counter() - t0
     return res

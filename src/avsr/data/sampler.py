@@ -8,8 +8,12 @@ size, so the sum of frames is within budget too), and the batches of all buckets
 together. Every rank computes the same batch list and takes every ``world_size``-th batch, so the
 shares are disjoint and equally long (the last ``< world_size`` batches of an epoch are dropped).
 
-A length curriculum (auto_avsr, AV-RelScore) keeps only clips of at most
-``curriculum_max_frames`` frames during the first ``curriculum_epochs`` epochs.
+A length curriculum (auto_avsr; AV-RelScore trains LRS3 on clips of at most 100, 150, 300, 450
+and 600 frames in turn) is a list of ``(max_clip_frames, epochs)`` stages (:func:`clip_limit`).
+During a stage, a clip longer than its limit is used only when it can be cut (``cuttable``: word
+timings, LRS ``pretrain``), and it then counts as ``max_clip_frames`` long; the dataset cuts it
+(:meth:`avsr.data.dataset.AVDataset.__getitem__`). After the last stage the limit is
+``max_frames``.
 
 Batches are lists of ``(index, epoch)`` keys: :class:`avsr.data.dataset.AVDataset` seeds each
 sample's augmentation from them, which stays correct with persistent DataLoader workers (which
@@ -29,6 +33,28 @@ log = logging.getLogger(__name__)
 SampleKey = tuple[int, int]  # (dataset index, epoch)
 
 
+def check_curriculum(stages: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """``stages`` (``data.curriculum``) as ``(max_clip_frames, epochs)`` pairs; raises ``ValueError``
+    unless each is two positive integers."""
+    out = []
+    for stage in stages:
+        if len(stage) != 2 or min(int(v) for v in stage) <= 0 or any(int(v) != v for v in stage):
+            raise ValueError(f"a curriculum stage is [max_clip_frames, epochs], two positive integers; got {list(stage)}")
+        out.append((int(stage[0]), int(stage[1])))
+    return out
+
+
+def clip_limit(stages: Sequence[Sequence[int]], epoch: int, default: int) -> int:
+    """Longest clip (video frames) of ``epoch`` under the curriculum ``stages`` (``[[max_clip_frames,
+    epochs], ...]`` in turn; at most ``default``), and ``default`` after the last stage."""
+    start = 0
+    for limit, epochs in stages:
+        start += epochs
+        if epoch < start:
+            return min(int(limit), default)
+    return default
+
+
 class FrameBudgetSampler(Sampler[list[SampleKey]]):
     """Batches of dataset indices whose padded size is at most ``max_frames`` video frames.
 
@@ -41,12 +67,13 @@ class FrameBudgetSampler(Sampler[list[SampleKey]]):
             order (validation/test).
         seed: base seed; the order of epoch ``e`` depends only on ``(seed, e)``.
         rank, world_size: this process's share under DDP (``0, 1`` for one process).
-        curriculum_max_frames, curriculum_epochs: length curriculum (``None`` / ``0`` disables).
+        curriculum: ``(max_clip_frames, epochs)`` stages (see :func:`clip_limit`; empty disables).
+        cuttable: per clip, whether the dataset can cut it to a stage's limit (default: none).
         drop_uneven: drop the last ``len % world_size`` batches so every rank gets the same count
             (needed for DDP training; an evaluation pass can keep them).
 
     Raises ``ValueError`` for a non-positive budget, bucket count or world size, a rank outside
-    ``[0, world_size)``, or an empty ``lengths``.
+    ``[0, world_size)``, an empty ``lengths``, a malformed curriculum, or ``cuttable`` of another length.
 
     Resuming: :meth:`state_dict` takes the number of this epoch's batches the training loop has
     *finished* (DataLoader prefetching runs the iterator ahead of that); after
@@ -63,8 +90,8 @@ class FrameBudgetSampler(Sampler[list[SampleKey]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        curriculum_max_frames: Optional[int] = None,
-        curriculum_epochs: int = 0,
+        curriculum: Sequence[Sequence[int]] = (),
+        cuttable: Optional[Sequence[bool]] = None,
         drop_uneven: bool = True,
     ) -> None:
         if len(lengths) == 0:
@@ -79,30 +106,34 @@ class FrameBudgetSampler(Sampler[list[SampleKey]]):
         self.max_frames, self.num_buckets, self.max_clips = max_frames, num_buckets, max_clips
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.curriculum_max_frames, self.curriculum_epochs = curriculum_max_frames, curriculum_epochs
+        self.curriculum = check_curriculum(curriculum)
+        self.cuttable = np.zeros(len(self.lengths), bool) if cuttable is None else np.asarray(cuttable, bool)
+        if len(self.cuttable) != len(self.lengths):
+            raise ValueError(f"FrameBudgetSampler: {len(self.cuttable)} cuttable flags for {len(self.lengths)} clips")
         self.drop_uneven = drop_uneven
         self.epoch = 0
         self._skip = 0  # batches of self.epoch already consumed (set by load_state_dict)
-        too_long = int((self.lengths > max_frames).sum())
+        too_long = int(((self.lengths > max_frames) & ~self.cuttable).sum())
         if too_long:
-            log.warning("%d clip(s) longer than max_frames=%d are skipped", too_long, max_frames)
+            log.warning("%d clip(s) longer than max_frames=%d (and without word timings to cut them) are skipped",
+                        too_long, max_frames)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration yields (from its first batch)."""
         self.epoch, self._skip = epoch, 0
 
-    def _eligible(self, epoch: int) -> np.ndarray:
-        limit = self.max_frames
-        if self.curriculum_max_frames is not None and epoch < self.curriculum_epochs:
-            limit = min(limit, self.curriculum_max_frames)
-        return np.flatnonzero(self.lengths <= limit)
+    def _epoch_lengths(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(eligible indices, every clip's length as used) in ``epoch``: cut clips count as the limit."""
+        limit = clip_limit(self.curriculum, epoch, self.max_frames)
+        lengths = np.where(self.cuttable, np.minimum(self.lengths, limit), self.lengths)
+        return np.flatnonzero(lengths <= limit), lengths
 
-    def _pack(self, indices: np.ndarray) -> list[list[int]]:
+    def _pack(self, indices: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
         batches: list[list[int]] = []
         cur: list[int] = []
         longest = 0
         for i in indices:
-            n = int(self.lengths[i])
+            n = int(lengths[i])
             new_longest = max(longest, n)
             full = (len(cur) + 1) * new_longest > self.max_frames or (
                 self.max_clips is not None and len(cur) >= self.max_clips)
@@ -117,17 +148,17 @@ class FrameBudgetSampler(Sampler[list[SampleKey]]):
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """All ranks' batches of ``epoch`` (dataset indices), before the per-rank split."""
-        idx = self._eligible(epoch)
+        idx, lengths = self._epoch_lengths(epoch)
         if len(idx) == 0:
             raise ValueError(f"FrameBudgetSampler: no clip fits epoch {epoch}'s length limit")
         rng = np.random.default_rng([self.seed, epoch])
-        order = idx[np.argsort(self.lengths[idx], kind="stable")]
+        order = idx[np.argsort(lengths[idx], kind="stable")]
         buckets = np.array_split(order, min(self.num_buckets, len(order)))
         batches: list[list[int]] = []
         for bucket in buckets:
             if self.shuffle:
                 bucket = bucket[rng.permutation(len(bucket))]
-            batches.extend(self._pack(bucket))
+            batches.extend(self._pack(bucket, lengths))
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches

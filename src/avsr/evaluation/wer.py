@@ -1,12 +1,12 @@
 """Word and character error rates on normalised text (jiwer).
 
-Normalisation (:func:`normalize_text`), applied to references and hypotheses alike:
-
-1. Unicode NFKC, then upper case;
-2. dashes (Unicode category ``Pd``: ``-``, en/em dash, ...) become spaces, so ``WELL-KNOWN`` counts
-   as two words; every other punctuation character (categories ``P*``: ``. , ? ! ' " ( )`` ...) is
-   deleted, so ``DON'T`` and ``DONT`` match;
-3. runs of whitespace collapse to one space; leading and trailing whitespace is removed.
+Normalisation (:func:`normalize_text`), applied to references and hypotheses alike, is the
+project's one text normalisation, :func:`avsr.text.normalize.normalise` (the one that makes the
+training transcripts), with every apostrophe deleted: upper case; digits spelled out
+(``9`` -> ``NINE``); ``{LG}``-style tags and accents removed; dashes, ``/`` and ``_`` become spaces,
+so ``WELL-KNOWN`` counts as two words; every other punctuation character (``. , ? ! ' " ( )`` ...)
+is deleted, so ``DON'T`` and ``DONT`` match; whitespace collapsed. Training transcripts keep
+apostrophes inside words, so the two differ by apostrophes alone.
 
 WER is corpus level: the edit operations (substitutions ``S``, deletions ``D``, insertions
 ``I``) of every utterance's minimum-edit alignment, summed, over the number of reference words
@@ -16,23 +16,18 @@ hypothesis therefore scores WER 1 (all deletions); WER can exceed 1 through inse
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
 
 import jiwer
 
+from avsr.text.normalize import normalise
+
 
 def normalize_text(text: str) -> str:
-    """``text`` normalised as in the module docstring (``"Don't  stop-now."`` -> ``"DONT STOP NOW"``)."""
-    out = []
-    for ch in unicodedata.normalize("NFKC", text).upper():
-        cat = unicodedata.category(ch)
-        if cat == "Pd":
-            out.append(" ")
-        elif not cat.startswith("P"):
-            out.append(ch)
-    return " ".join("".join(out).split())
+    """``text`` normalised as in the module docstring (``"Don't  stop-now."`` -> ``"DONT STOP NOW"``):
+    :func:`avsr.text.normalize.normalise` with ``apostrophes=False``. Never raises."""
+    return normalise(text, apostrophes=False)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ class MouthFeatures:
 
     Args:
         frontend: a trained :class:`~avsr.models.VisualFrontend` (used frozen, in eval mode).
-        args: its constructor arguments (``width``, ``out_dim``, ``stem_kernel_t``), for :meth:`state`.
+        args: its constructor arguments (``width``, ``out_dim``, ``stem_kernel_t``, ``activation``), for
+            :meth:`state` (lip-sync checkpoints without ``activation`` get ReLU, as before).
         crop_size, video_mean, video_std: the AVSR model's test transform (centre crop of the
             96x96 ROI, then ``(x / 255 - mean) / std``).
     """
@@ -59,7 +60,7 @@ class MouthFeatures:
         frontend = load_encoder(path, "visual_frontend")
         cfg = from_dict(safe_torch_load(path, "an avsr checkpoint", ValueError)["config"])
         args = dict(width=cfg.model.visual_width, out_dim=frontend.out_dim,
-                    stem_kernel_t=cfg.model.visual_stem_kernel_t)
+                    stem_kernel_t=cfg.model.visual_stem_kernel_t, activation=cfg.model.frontend_activation)
         return cls(frontend, args, cfg.data.crop_size, cfg.data.video_mean, cfg.data.video_std)
 
     def state(self) -> dict:

@@ -36,7 +36,7 @@ from avsr.config import MODES, ModelConfig, from_dict
 from avsr.data.batch import Batch
 from avsr.models.conformer import Conformer
 from avsr.models.decoder import TransformerDecoder
-from avsr.models.frontends import AudioResNetFrontend, LogMelFrontend, VisualFrontend
+from avsr.models.frontends import ACTIVATIONS, AudioResNetFrontend, LogMelFrontend, VisualFrontend
 from avsr.models.heads import attach_aux_heads
 from avsr.models.losses import add_sos_eos, ctc_loss, label_smoothing_loss
 from avsr.models.masking import lengths_to_mask
@@ -94,6 +94,9 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
     if cfg.audio_frontend not in AUDIO_FRONTENDS:
         raise ValueError(f"model.audio_frontend must be one of {', '.join(AUDIO_FRONTENDS)}, got '{cfg.audio_frontend}'")
+    if cfg.frontend_activation not in ACTIVATIONS:
+        raise ValueError(f"model.frontend_activation must be one of {', '.join(ACTIVATIONS)}, "
+                         f"got '{cfg.frontend_activation}'")
     if cfg.relscore_variant not in RELSCORE_VARIANTS:
         raise ValueError(f"model.relscore_variant must be one of {', '.join(RELSCORE_VARIANTS)}, got '{cfg.relscore_variant}'")
     if cfg.fusion not in FUSIONS:
@@ -156,11 +159,13 @@ class AVSREncoder(nn.Module):
         self.uses_video = cfg.mode != "audio"
         self.uses_audio = cfg.mode != "video"
         c = cfg.frontend_dim
-        self.visual_frontend = VisualFrontend(cfg.visual_width, c, cfg.visual_stem_kernel_t) if self.uses_video else None
+        act = cfg.frontend_activation  # the ResNet frontends' (the log-mel one keeps ReLU)
+        self.visual_frontend = (VisualFrontend(cfg.visual_width, c, cfg.visual_stem_kernel_t, act)
+                                if self.uses_video else None)
         self.audio_frontend: nn.Module | None = None
         if self.uses_audio:
             self.audio_frontend = (
-                AudioResNetFrontend(cfg.audio_width, c) if cfg.audio_frontend == "resnet1d"
+                AudioResNetFrontend(cfg.audio_width, c, act) if cfg.audio_frontend == "resnet1d"
                 else LogMelFrontend(8 * cfg.audio_width, c)
             )
         self.scorers = nn.ModuleDict()

@@ -8,6 +8,9 @@
 - :class:`LogMelFrontend`: 80-bin log-mel (10 ms hop, 4 mel frames per video frame) and two
   stride-2 convolutions down to 25 fps: a cheaper audio alternative.
 
+The ResNet frontends take ``activation``: ``"relu"`` (default) or ``"swish"`` (``x * sigmoid(x)``,
+the activation of the LRW models of Ma et al. 2021/2022, whose weights :mod:`avsr.models.lrw` loads).
+
 Padding never leaks into valid frames: every convolution sees zeros past each clip's length,
 exactly as it would for the clip alone, so in eval mode a clip's features do not depend on the
 batch it is in. (In train mode, batch-norm statistics of the audio frontends include the zeroed
@@ -24,12 +27,23 @@ from avsr.models.masking import check_lengths, conv_lengths, lengths_to_mask
 
 SAMPLES_PER_FRAME = 640  # 16 kHz audio / 25 fps video
 _STAGE_STRIDES = (1, 2, 2, 2)  # ResNet-18: four stages of two basic blocks
+ACTIVATIONS = ("relu", "swish")  # of the ResNet frontends (model.frontend_activation)
 
 
 def _check_positive(**kwargs: int) -> None:
     for name, value in kwargs.items():
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+
+
+def make_activation(name: str) -> nn.Module:
+    """``nn.ReLU(inplace=True)`` for ``"relu"``, ``nn.SiLU()`` (swish, ``x * sigmoid(x)``) for
+    ``"swish"``; ValueError for anything else."""
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "swish":
+        return nn.SiLU()
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got '{name}'")
 
 
 def _check_audio(audio: torch.Tensor, lengths: torch.Tensor, min_samples: int) -> None:
@@ -43,9 +57,9 @@ def _check_audio(audio: torch.Tensor, lengths: torch.Tensor, min_samples: int) -
 
 class _BasicBlock(nn.Module):
     """ResNet basic block (He et al. 2016) on ``(N, C, H, W)`` images (``dims=2``) or ``(B, C, L)``
-    sequences (``dims=1``)."""
+    sequences (``dims=1``), with ``activation`` (:func:`make_activation`) after each conv stage."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, dims: int = 2) -> None:
+    def __init__(self, in_ch: int, out_ch: int, stride: int, dims: int = 2, activation: str = "relu") -> None:
         super().__init__()
         conv, norm = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
         self.stride = stride
@@ -53,7 +67,7 @@ class _BasicBlock(nn.Module):
         self.bn1 = norm(out_ch)
         self.conv2 = conv(out_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = norm(out_ch)
-        self.relu = nn.ReLU(inplace=True)
+        self.act = make_activation(activation)
         self.shortcut = (
             nn.Sequential(conv(in_ch, out_ch, 1, bias=False), norm(out_ch))
             if stride != 1 or in_ch != out_ch
@@ -68,8 +82,8 @@ class _BasicBlock(nn.Module):
         return self.shortcut(x[(slice(None), slice(None)) + (step,) * (x.dim() - 2)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(y)) + self._skip(x))
+        y = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(y)) + self._skip(x))
 
 
 class VisualFrontend(nn.Module):
@@ -80,22 +94,25 @@ class VisualFrontend(nn.Module):
             64 is ResNet-18).
         out_dim: output feature size (a linear projection is added when ``8 * width != out_dim``).
         stem_kernel_t: temporal kernel of the Conv3d stem (odd; 5 in the paper).
+        activation: ``"relu"`` or ``"swish"`` (:data:`ACTIVATIONS`), after the stem and in every block.
 
-    Raises ValueError for a non-positive size or an even ``stem_kernel_t``.
+    Raises ValueError for a non-positive size, an even ``stem_kernel_t`` or an unknown activation.
     """
 
-    def __init__(self, width: int = 64, out_dim: int = 512, stem_kernel_t: int = 5) -> None:
+    def __init__(self, width: int = 64, out_dim: int = 512, stem_kernel_t: int = 5, activation: str = "relu") -> None:
         super().__init__()
         _check_positive(width=width, out_dim=out_dim, stem_kernel_t=stem_kernel_t)
+        self.activation = activation
         if stem_kernel_t % 2 == 0:
             raise ValueError(f"stem_kernel_t must be odd (centred in time), got {stem_kernel_t}")
         self.stem_conv = nn.Conv3d(1, width, (stem_kernel_t, 7, 7), (1, 2, 2), (stem_kernel_t // 2, 3, 3), bias=False)
         self.stem_bn = nn.BatchNorm2d(width)
-        self.stem_pool = nn.Sequential(nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        self.stem_pool = nn.Sequential(make_activation(activation), nn.MaxPool2d(3, 2, 1))
         blocks, ch = [], width
         for i, stride in enumerate(_STAGE_STRIDES):
             out = width * 2**i
-            blocks += [_BasicBlock(ch, out, stride), _BasicBlock(out, out, 1)]
+            blocks += [_BasicBlock(ch, out, stride, activation=activation),
+                       _BasicBlock(out, out, 1, activation=activation)]
             ch = out
         self.trunk = nn.Sequential(*blocks)
         self.proj = nn.Linear(ch, out_dim) if ch != out_dim else nn.Identity()
@@ -138,8 +155,8 @@ class VisualFrontend(nn.Module):
 class _MaskedBlock1d(_BasicBlock):
     """:class:`_BasicBlock` on ``(B, C, L)`` sequences that zeroes padding before each conv."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
-        super().__init__(in_ch, out_ch, stride, dims=1)
+    def __init__(self, in_ch: int, out_ch: int, stride: int, activation: str = "relu") -> None:
+        super().__init__(in_ch, out_ch, stride, dims=1, activation=activation)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``(B, C, L)`` zero past ``lengths`` -> ``(B, C', L')`` zero past the new lengths.
@@ -147,11 +164,11 @@ class _MaskedBlock1d(_BasicBlock):
         ``padded=False`` says every row is full length (then so are the outputs: nothing to mask).
         """
         lengths = conv_lengths(lengths, 3, self.stride, 1)
-        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.act(self.bn1(self.conv1(x)))
         mask = lengths_to_mask(lengths, y.shape[-1])[:, None, :] if padded else None
         if mask is not None:
             y = y * mask
-        y = self.relu(self.bn2(self.conv2(y)) + self._skip(x))
+        y = self.act(self.bn2(self.conv2(y)) + self._skip(x))
         return (y * mask if mask is not None else y), lengths
 
 
@@ -164,16 +181,21 @@ class AudioResNetFrontend(nn.Module):
     Args:
         width: channels of the first stage (stages use ``w, 2w, 4w, 8w``; 64 is ResNet-18).
         out_dim: output feature size (a linear projection is added when ``8 * width != out_dim``).
+        activation: ``"relu"`` or ``"swish"`` (:data:`ACTIVATIONS`), after the stem and in every block.
+
+    Raises ValueError for a non-positive size or an unknown activation.
     """
 
-    def __init__(self, width: int = 64, out_dim: int = 512) -> None:
+    def __init__(self, width: int = 64, out_dim: int = 512, activation: str = "relu") -> None:
         super().__init__()
         _check_positive(width=width, out_dim=out_dim)
-        self.stem = nn.Sequential(nn.Conv1d(1, width, 80, 4, 38, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True))
+        self.activation = activation
+        self.stem = nn.Sequential(nn.Conv1d(1, width, 80, 4, 38, bias=False), nn.BatchNorm1d(width),
+                                  make_activation(activation))
         blocks, ch = [], width
         for i, stride in enumerate(_STAGE_STRIDES):
             out = width * 2**i
-            blocks += [_MaskedBlock1d(ch, out, stride), _MaskedBlock1d(out, out, 1)]
+            blocks += [_MaskedBlock1d(ch, out, stride, activation), _MaskedBlock1d(out, out, 1, activation)]
             ch = out
         self.blocks = nn.ModuleList(blocks)
         self.pool = nn.AvgPool1d(20, 20)

@@ -36,6 +36,7 @@ from avsr.data.dataset import AVDataset, collate, hold_out
 from avsr.data.manifest import manifest_path, read_manifest
 from avsr.data.sampler import FrameBudgetSampler
 from avsr.data.transforms import build_transform
+from avsr.models.lrw import init_lrw_frontends
 from avsr.training.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -331,6 +332,9 @@ class Trainer:
                              f"({tcfg.keep_last}): only the kept step checkpoints can be averaged")
         if tcfg.init_visual_share and not tcfg.init_visual_from:
             raise ValueError("train.init_visual_share needs the lip-reading model in train.init_visual_from")
+        if tcfg.init_visual_from and tcfg.init_visual_frontend:
+            raise ValueError("train.init_visual_from and train.init_visual_frontend both set the visual frontend: "
+                             "give one")
         self.exp_dir = Path(tcfg.exp_dir)
         self.amp_dtype = resolve_precision(tcfg.precision, self.env.device)
         seed_everything(cfg.seed)
@@ -368,6 +372,8 @@ class Trainer:
             if tcfg.init_visual_from:
                 self._init_weights(model, tcfg.init_visual_from, prefix=VISUAL_FRONTEND,
                                    share=tcfg.init_visual_share)
+            if tcfg.init_visual_frontend or tcfg.init_audio_frontend:  # LRW models of Ma et al. (avsr.models.lrw)
+                init_lrw_frontends(model, tcfg.init_visual_frontend, tcfg.init_audio_frontend)
         if tcfg.freeze:
             frozen = freeze_parts(model, tcfg.freeze)
             log.info("frozen: %s (%d parameters)", ", ".join(frozen), sum(
@@ -379,11 +385,16 @@ class Trainer:
 
         visual, audio = build_corruptors(cfg, root)
         self.train_set = AVDataset(root, train_rows, self.tokenizer.encode, build_transform(dcfg, train=True),
-                                   seed=cfg.seed, visual_corrupt=visual, audio_corrupt=audio)
+                                   seed=cfg.seed, visual_corrupt=visual, audio_corrupt=audio,
+                                   curriculum=dcfg.curriculum, max_frames=dcfg.max_frames)
         self.sampler = FrameBudgetSampler(
             self.train_set.lengths, dcfg.max_frames, dcfg.num_buckets, dcfg.max_clips, shuffle=True,
             seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
-            curriculum_max_frames=dcfg.curriculum_max_frames, curriculum_epochs=dcfg.curriculum_epochs)
+            curriculum=dcfg.curriculum, cuttable=self.train_set.cuttable)
+        if dcfg.curriculum:
+            log.info("length curriculum: %s (max clip frames x epochs), then clips up to %d frames; %d clip(s) "
+                     "can be cut at word boundaries", ", ".join(f"{a} x {b}" for a, b in dcfg.curriculum),
+                     dcfg.max_frames, sum(self.train_set.cuttable))
         pin = self.env.device.type == "cuda"
         self.loader = make_loader(self.train_set, self.sampler, dcfg.num_workers, cfg.seed, pin)
         self.val_loader = self._val_loader(root, val_rows, pin) if val_rows else None
@@ -448,14 +459,19 @@ class Trainer:
                  len(usable), len(own), path, sum(k not in usable for k in source))
 
     def _split_rows(self, root: Path) -> tuple[list, list]:
-        """Train and validation rows: ``<val_split>.tsv``, else ``val_holdout`` train clips, else none."""
+        """Train and validation rows: ``<val_split>.tsv``, else ``val_holdout`` train clips (of the last
+        split of a ``+``-joined ``train_split``: LRS3's trainval, not its long pretrain clips), else none."""
         dcfg = self.cfg.data
         train_rows = read_manifest(root, dcfg.train_split)
         val_path = manifest_path(root, dcfg.val_split)
         if val_path.is_file():
             return train_rows, read_manifest(root, dcfg.val_split)
         if dcfg.val_holdout > 0:
-            train_rows, val_rows = hold_out(train_rows, dcfg.val_holdout, self.cfg.seed)
+            last = dcfg.train_split.split("+")[-1] + "/" if "+" in dcfg.train_split else ""
+            pool = [r for r in train_rows if r.utt_id.startswith(last)]
+            _, val_rows = hold_out(pool, dcfg.val_holdout, self.cfg.seed)
+            held = {r.utt_id for r in val_rows}
+            train_rows = [r for r in train_rows if r.utt_id not in held]
             log.info("no %s: validating on %d held-out training clips", val_path, len(val_rows))
             return train_rows, val_rows
         log.warning("no validation manifest %s and data.val_holdout=0: validation is off", val_path)
