@@ -31,7 +31,7 @@ from avsr.data.landmarks import (MOUTH, MP_TO_68, STABLE, FaceMeshTracker, Landm
 from avsr.data.manifest import read_manifest
 from avsr.data.media import (MediaError, fit_length, iter_video, load_clip, read_audio, read_gray_video,
                              read_video, write_gray_video, write_wav)
-from avsr.data.preprocess import (ClipFailure, check_fits, ctc_min_frames, failures_path, preprocess,
+from avsr.data.preprocess import (ClipFailure, check_fits, failures_path, preprocess,
                                   process_clip, shard)
 from media_utils import write_av
 
@@ -119,11 +119,11 @@ def test_transcripts_are_normalised_or_rejected():
 
 
 def test_transcript_must_fit_the_clip_length():
-    assert ctc_min_frames("AT") == 2 and ctc_min_frames("ALL") == 4  # a blank between the two Ls
     cfg = PreprocessConfig()
-    check_fits("BIN BLUE AT F TWO NOW", 75, 48000, cfg)  # a GRID clip: 21 characters, 2 words/s
-    with pytest.raises(ClipFailure, match="transcript too long for the clip: 21 characters need 21 frames"):
-        check_fits("BIN BLUE AT F TWO NOW", 20, 12800, cfg)
+    check_fits("BIN BLUE AT F TWO NOW", 75, 48000, cfg)  # a GRID clip: 6 words, 2 words/s
+    check_fits("SO WE'RE GOING TO TALK ABOUT IT", 25, 16000, cfg)  # 31 characters in 25 frames: fast LRS speech
+    with pytest.raises(ClipFailure, match="transcript too long for the clip: 6 words need at least 6 frames"):
+        check_fits("BIN BLUE AT F TWO NOW", 5, 3200, PreprocessConfig(max_words_per_second=0))
     with pytest.raises(ClipFailure, match=r"implausible speaking rate: 20 words in 2.00 s = 10.0 words/s"):
         check_fits(" ".join(["A"] * 20), 50, 32000, cfg)  # short words: fits CTC, not a speaking rate
     check_fits(" ".join(["A"] * 20), 50, 32000, PreprocessConfig(max_words_per_second=0))  # 0 disables
@@ -161,8 +161,8 @@ def test_truncated_or_broken_video_streams_are_rejected(tmp_path, grid_dir):
     lines = failures_path(out).read_text().splitlines()[1:]
     reasons = {line.split("\t")[0]: line.split("\t")[3] for line in lines}
     assert set(reasons) == {"first30k", "corrupt", "video_stops"}
-    assert reasons["first30k"].startswith("transcript too long for the clip: 21 characters need 21 frames (CTC), "
-                                          "the clip has 5 (0.20 s)")
+    assert reasons["first30k"].startswith("transcript too long for the clip: 6 words need at least 6 frames "
+                                          "(one CTC token each), the clip has 5 (0.20 s)")
     stop = re.match(r"video decoding failed at source frame (\d+) .*truncated or corrupt stream", reasons["corrupt"])
     assert stop and 20 <= int(stop.group(1)) <= 50, reasons["corrupt"]  # the damage is about half-way in
     assert reasons["video_stops"].startswith("video stopped early: its last frame is frame 29 (1.20 s) but the audio "

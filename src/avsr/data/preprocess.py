@@ -190,36 +190,26 @@ def extract_mouth_roi(utt: Utterance, cfg: PreprocessConfig, tracker: FaceMeshTr
     return MouthROI(rois, lips, detected, mesh, transforms)
 
 
-def ctc_min_frames(transcript: str) -> int:
-    """Fewest encoder frames a CTC alignment of ``transcript`` as characters needs: one per
-    character, spaces included, plus a blank between each pair of equal neighbours (``"LL"``).
-
-    Characters are the longest token sequence our tokenizers make (SentencePiece pieces are never
-    more), and the encoders run at the video frame rate, so a clip with fewer video frames than
-    this cannot be fitted by any of our models.
-    """
-    return len(transcript) + sum(a == b for a, b in zip(transcript, transcript[1:]))
-
-
 def check_fits(transcript: str, n_frames: int, n_samples: int, cfg: PreprocessConfig) -> None:
     """Raise :class:`ClipFailure` unless normalised ``transcript`` can be what the clip of
     ``n_frames`` video frames at ``cfg.fps`` and ``n_samples`` audio samples at ``cfg.sample_rate``
     (re-timed to the first video frame) says.
 
     In turn: the audio runs more than ``cfg.max_audio_overhang_s`` past the last video frame (the
-    video stream stopped early: corrupt or cut); fewer frames than :func:`ctc_min_frames`; more
-    than ``cfg.max_words_per_second`` words per second of video (0 disables that check).
+    video stream stopped early: corrupt or cut); fewer frames than words (every tokenizer gives a word at least one token,
+    and the CTC encoders run at the video frame rate, so no model could fit it; a character bound
+    would reject fast LRS speech that SentencePiece models fit); more than ``cfg.max_words_per_second`` words per second of video (0 disables that check).
     """
     video_s, audio_s = n_frames / cfg.fps, n_samples / cfg.sample_rate
     if audio_s > video_s + cfg.max_audio_overhang_s:
         raise ClipFailure(f"video stopped early: its last frame is frame {n_frames - 1} ({video_s:.2f} s) but the "
                           f"audio runs to {audio_s:.2f} s (truncated or corrupt video stream; "
                           f"max_audio_overhang_s={cfg.max_audio_overhang_s})")
-    need = ctc_min_frames(transcript)
-    if need > n_frames:
-        raise ClipFailure(f"transcript too long for the clip: {len(transcript)} characters need {need} frames "
-                          f"(CTC), the clip has {n_frames} ({video_s:.2f} s): a truncated clip or the wrong transcript")
     words = len(transcript.split())
+    if words > n_frames:
+        raise ClipFailure(f"transcript too long for the clip: {words} words need at least {words} frames (one CTC "
+                          f"token each), the clip has {n_frames} ({video_s:.2f} s): a truncated clip or the wrong "
+                          "transcript")
     if cfg.max_words_per_second > 0 and words > cfg.max_words_per_second * video_s:
         raise ClipFailure(f"implausible speaking rate: {words} words in {video_s:.2f} s = {words / video_s:.1f} "
                           f"words/s (max_words_per_second={cfg.max_words_per_second}): a truncated clip or the "
@@ -268,7 +258,7 @@ def process_clip(utt: Utterance, out_root: str | Path, cfg: PreprocessConfig,
     A clip that cannot be used comes back with ``failure`` set (nothing written): unreadable
     media, no video or audio stream, video decoding failing part-way (the reason names the frame),
     zero length, a transcript that cannot fit the clip (:func:`check_fits`: audio running past the
-    video by more than ``cfg.max_audio_overhang_s``, fewer frames than :func:`ctc_min_frames`, more
+    video by more than ``cfg.max_audio_overhang_s``, fewer frames than words, more
     than ``cfg.max_words_per_second``), no face in more than ``cfg.max_missing_frac`` of the
     frames or for more than ``cfg.max_gap_frames`` in a row, bad transcript or landmarks.
     """
