@@ -1,8 +1,10 @@
 """Log-mel features at 100 fps and their inversion to a waveform (Griffin-Lim).
 
-One definition of the mel spectrogram for the whole project: the log-mel audio frontend, the
-audio→mouth-opening model and the lip-to-speech target all call :func:`log_mel`, and
-:func:`mel_to_wave` inverts it. Parameters: 16 kHz audio, 40 ms Hann window (``n_fft`` 640),
+The mel spectrogram of the audio→mouth-opening model and the lip-to-speech target: both call
+:func:`log_mel`, and :func:`mel_to_wave` inverts it. (The recogniser's
+:class:`avsr.models.frontends.LogMelFrontend` still computes its own: 25 ms window, power
+spectrogram, floor ``1e-6``; a frozen recogniser fed with this mel, as lip-to-speech content
+supervision would need, sees slightly different features.) Parameters: 16 kHz audio, 40 ms Hann window (``n_fft`` 640),
 10 ms hop (160 samples), centred frames with zero padding at the ends, 80 HTK mel bands over
 0–8 kHz, magnitude (power 1) spectrogram, natural log with a floor of ``1e-5`` (so silence is ``log(1e-5) ≈ -11.5``). A clip of
 ``640 * T`` samples (``T`` video frames at 25 fps) gives exactly ``4 * T`` mel frames.
