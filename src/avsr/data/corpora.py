@@ -163,7 +163,10 @@ def read_lrs_words(path: str | Path) -> tuple[tuple[str, float, float], ...] | N
 
 
 def _lrs_words_or_none(path: Path) -> tuple[tuple[str, float, float], ...] | None:
-    """:func:`read_lrs_words`, with a malformed table logged and ignored (the clip keeps its text)."""
+    """:func:`read_lrs_words`, ``None`` without the file, a malformed table logged and ignored (the
+    clip keeps its text)."""
+    if not path.is_file():
+        return None
     try:
         return read_lrs_words(path)
     except CorpusError as exc:
@@ -266,7 +269,7 @@ def lrs_corpus(root: str | Path, kind: str, landmarks_dir: str | Path | None = N
             txt = media.with_suffix(".txt")
             text = read_lrs_text(txt) if txt.is_file() else None
             utts.append(Utterance(_safe_id(rel), split, media, text, _find_landmarks(lm_dir, f"{subset}/{rel}"),
-                                  _lrs_words_or_none(txt) if txt.is_file() else None))
+                                  _lrs_words_or_none(txt)))
         _warn_orphans(root, {txt.relative_to(root).with_suffix("").as_posix(): txt.relative_to(root).as_posix()
                              for txt in sorted((root / subset).rglob("*.txt")) if not txt.with_suffix(".mp4").is_file()})
     return utts
@@ -286,7 +289,7 @@ def video_corpus(root: str | Path, split: str = "train", landmarks_dir: str | Pa
         txt = media.with_suffix(".txt")
         text = read_lrs_text(txt) if txt.is_file() else tsv.get(rel, tsv.get(stem, tsv.get(media.stem)))
         utts.append(Utterance(_safe_id(stem), split, media, text, _find_landmarks(lm_dir, stem),
-                              _lrs_words_or_none(txt) if txt.is_file() else None))
+                              _lrs_words_or_none(txt)))
         known.update({rel, stem, media.stem})
     orphans = {_tsv_stem(k): f"transcripts.tsv: {k}" for k in tsv if k not in known}
     for txt in root.rglob("*.txt"):

@@ -112,8 +112,7 @@ class AVDataset(torch.utils.data.Dataset):
         if not self.rows:
             raise ValueError(f"no usable clips under {self.root}")
         self._reported: set[str] = set()
-        limits = [a for a, _ in self.curriculum] + ([max_frames] if max_frames is not None else [])
-        shortest = min(limits) if limits else None
+        shortest = min([max_frames] + [a for a, _ in self.curriculum]) if max_frames is not None else None
         self.cuttable = [shortest is not None and r.n_frames > shortest and self._has_word_timings(r)
                          for r in self.rows]
 
